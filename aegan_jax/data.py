@@ -1,0 +1,198 @@
+"""Grain input pipeline over slices prepared by ``python -m data_prep``.
+
+Training examples (NHWC, float32) carry every modality of a slice plus one
+sampled missing-modality scenario:
+
+  generator_input  [H, W, (M-1)*(M+1)]  ``modalities.assemble_generator_input``
+  target           [H, W, 1]            the held-out modality
+  target_index     int32 scalar
+  images           [H, W, M]            all modalities (grids, baselines)
+  example_id       int64 scalar         record position in its split
+
+Randomness (shuffle, scenario, augmentation) is a function of the seed and the
+record index only, so runs replay exactly and iterator checkpoints restore.
+
+Worker processes (``worker_count > 0``) are spawned by Grain: the launching
+script needs an ``if __name__ == '__main__':`` guard, and with absl the flags
+must be parsed in the parent (``app.run``) before the loader is iterated.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grain
+import numpy as np
+
+from aegan_jax import modalities as modalities_lib
+from data_prep import prepare
+
+
+def load_manifest(prepared_dir) -> dict:
+  return prepare.load_manifest(prepared_dir)
+
+
+def num_examples(prepared_dir, split: str = 'train') -> int:
+  splits = load_manifest(prepared_dir)['splits']
+  return splits[split]['slices'] if split in splits else 0
+
+
+def data_source(prepared_dir, split: str = 'train'):
+  """Random-access source of raw records (TFDS ArrayRecord, no TensorFlow)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if num_examples(prepared_dir, split) == 0:
+    raise ValueError(f'{prepared_dir}: split {split!r} holds no slices')
+  builder = tfds.builder_from_directory(str(prepare.tfds_dir(prepared_dir)))
+  return builder.as_data_source(split=split)
+
+
+class DecodeSlice(grain.transforms.Map):
+  """Keeps the numeric fields, as float32 images."""
+
+  def map(self, element):
+    return {'images': np.asarray(element['images'], np.float32),
+            'example_id': np.int64(element['example_id'])}
+
+
+class Augment(grain.transforms.RandomMap):
+  """Same random flip / crop for all modalities of a slice.
+
+  Random crop is pad-then-crop: pad ``crop_padding`` pixels per side with the
+  background value, then cut an ``H x W`` window at a random offset (a shift
+  of up to ``crop_padding`` pixels; no resampling).
+  """
+
+  def __init__(self, flip: bool, random_crop: bool, crop_padding: int,
+               background: float):
+    self.flip, self.random_crop = flip, random_crop
+    self.crop_padding, self.background = crop_padding, background
+
+  def random_map(self, element, rng: np.random.Generator):
+    images = element['images']
+    if self.flip and rng.random() < 0.5:
+      images = images[:, ::-1]
+    if self.random_crop and self.crop_padding > 0:
+      pad = self.crop_padding
+      padded = np.pad(images, ((pad, pad), (pad, pad), (0, 0)),
+                      constant_values=self.background)
+      top, left = rng.integers(0, 2 * pad + 1, size=2)
+      images = padded[top:top + images.shape[0], left:left + images.shape[1]]
+    return {**element, 'images': np.ascontiguousarray(images)}
+
+
+class SampleScenario(grain.transforms.RandomMap):
+  """Draws the missing (target) modality uniformly from ``targets``."""
+
+  def __init__(self, targets: Sequence[int]):
+    self.targets = np.asarray(targets, np.int32)
+
+  def random_map(self, element, rng: np.random.Generator):
+    images = element['images']
+    target = self.targets[rng.integers(len(self.targets))]
+    return {
+        **element,
+        'generator_input': modalities_lib.assemble_generator_input(
+            images, target).astype(np.float32),
+        'target': images[..., target:target + 1],
+        'target_index': np.int32(target),
+    }
+
+
+def _process(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return process_index, process_count
+
+
+def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
+                split: str = 'train', targets: Sequence[int] | None = None,
+                flip: bool = False, random_crop: bool = False,
+                crop_padding: int | None = None, shuffle: bool = True,
+                num_epochs: int | None = None, drop_remainder: bool = True,
+                worker_count: int = 0, process_index: int | None = None,
+                process_count: int | None = None) -> grain.DataLoader:
+  """Batched loader for this process's shard of ``split``.
+
+  Each process gets ``global_batch_size // process_count`` examples per batch
+  from a disjoint shard of the records.  Grain's IndexSampler makes all
+  shards equally long, so an epoch skips up to ``process_count - 1`` records;
+  use ``iterate_split`` to visit every slice (evaluation).
+  """
+  manifest = load_manifest(prepared_dir)
+  num_modalities = len(manifest['modalities'])
+  targets = tuple(range(num_modalities)) if targets is None else tuple(targets)
+  if not targets or any(not 0 <= t < num_modalities for t in targets):
+    raise ValueError(f'targets {targets} must index {manifest["modalities"]}')
+  process_index, process_count = _process(process_index, process_count)
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch {global_batch_size} is not divisible by '
+                     f'{process_count} processes')
+  source = data_source(prepared_dir, split)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.sharding.ShardOptions(
+          shard_index=process_index, shard_count=process_count,
+          drop_remainder=drop_remainder),
+      shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+  operations = [DecodeSlice()]
+  if flip or random_crop:
+    padding = (manifest['image_size'] // 16 if crop_padding is None
+               else crop_padding)
+    operations.append(Augment(flip, random_crop, padding,
+                              manifest['background_value']))
+  operations += [SampleScenario(targets),
+                 grain.transforms.Batch(global_batch_size // process_count,
+                                        drop_remainder=drop_remainder)]
+  return grain.DataLoader(data_source=source, sampler=sampler,
+                          operations=operations, worker_count=worker_count)
+
+
+def make_train_loader(prepared_dir, *, global_batch_size: int, seed: int,
+                      targets: Sequence[int] | None = None, flip: bool = False,
+                      random_crop: bool = False, worker_count: int = 0,
+                      process_index: int | None = None,
+                      process_count: int | None = None,
+                      split: str = 'train') -> grain.DataLoader:
+  """Endless, globally shuffled training batches for this process.
+
+  ``iter(loader)`` has ``get_state()`` / ``set_state()`` for checkpointing.
+  """
+  return make_loader(
+      prepared_dir, global_batch_size=global_batch_size, seed=seed,
+      split=split, targets=targets, flip=flip, random_crop=random_crop,
+      shuffle=True, num_epochs=None, drop_remainder=True,
+      worker_count=worker_count, process_index=process_index,
+      process_count=process_count)
+
+
+def iterate_split(prepared_dir, split: str = 'test', *,
+                  process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """Every slice of ``split`` in stored order (subject, then slice index).
+
+  With ``process_count > 1`` each process gets a contiguous block; together
+  the blocks cover every slice exactly once (unlike Grain's IndexSampler,
+  which evens shards by dropping the remainder).
+
+  Yields dicts: 'subject_id' (str), 'slice_index' (int), 'images'
+  [H, W, M] float32 and, when the subject has one, 'seg' [H, W] uint8.
+  """
+  total = num_examples(prepared_dir, split)
+  if total == 0:
+    return
+  source = data_source(prepared_dir, split)
+  start = total * process_index // process_count
+  stop = total * (process_index + 1) // process_count
+  for i in range(start, stop):
+    record = source[i]
+    subject_id = record['subject_id']
+    example = {
+        'subject_id': (subject_id.decode() if isinstance(subject_id, bytes)
+                       else str(subject_id)),
+        'slice_index': int(record['slice_index']),
+        'images': np.asarray(record['images'], np.float32),
+    }
+    if bool(record['has_seg']):
+      example['seg'] = np.asarray(record['seg'], np.uint8)
+    yield example

@@ -1,0 +1,239 @@
+"""Finds subjects and their modality files in the supported raw layouts.
+
+Discovery only looks at file names; it never opens a volume and never fails
+because a modality is missing (``validate`` in ``prepare`` does that).
+
+Supported layouts (``Case.layout``):
+  brats2018 / brats2019  ``[HGG|LGG/]Brats18_X/Brats18_X_t1.nii.gz`` (BraTS19_)
+  brats2020              ``BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz``
+  brats2021              ``BraTS2021_00000/BraTS2021_00000_t1.nii.gz``
+  brats2023              ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz``
+                         (also MET, MEN, PED, SSA, ... prefixes)
+  brats                  any other ``<dir>/<dir>_t1.nii.gz`` folder
+  modality_first         official AE-GAN code: ``flair/ t1/ t1ce/ t2/``
+                         folders, one file per subject in each
+  isles2015              ISLES 2015 SISS ``<n>/VSD.Brain.XX.O.MR_T1.<id>/...``
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+
+from aegan_jax import modalities as modalities_lib
+from data_prep.errors import DataError
+
+BRATS = 'brats'
+ISLES2015 = 'isles2015'
+DATASETS = ('auto', BRATS, ISLES2015)
+
+# File-name token of each canonical modality, per naming generation.
+_OLD_BRATS_TOKENS = {'t1': 't1', 't1ce': 't1ce', 't2': 't2', 'flair': 'flair',
+                     'seg': 'seg'}
+_NEW_BRATS_TOKENS = {'t1': 't1n', 't1ce': 't1c', 't2': 't2w', 'flair': 't2f',
+                     'seg': 'seg'}
+_ISLES_TOKENS = {'t1': 'MR_T1', 't2': 'MR_T2', 'flair': 'MR_Flair',
+                 'dwi': 'MR_DWI', 'seg': 'OT'}
+
+# Subject-folder name -> layout, for folders whose files are '<dir><sep><tok>'.
+_BRATS_FOLDERS = (
+    ('brats2018', re.compile(r'^Brats18_'), '_', _OLD_BRATS_TOKENS),
+    ('brats2019', re.compile(r'^BraTS19_'), '_', _OLD_BRATS_TOKENS),
+    ('brats2020', re.compile(r'^BraTS20_'), '_', _OLD_BRATS_TOKENS),
+    ('brats2021', re.compile(r'^BraTS2021_'), '_', _OLD_BRATS_TOKENS),
+    ('brats2023', re.compile(r'^BraTS-[A-Za-z]+-\d+-\d+$'), '-',
+     _NEW_BRATS_TOKENS),
+    ('brats', re.compile(r'.'), '_', _OLD_BRATS_TOKENS),
+)
+_LAYOUT_NAMING = {name: (sep, tokens) for name, _, sep, tokens in _BRATS_FOLDERS}
+
+_NIFTI = re.compile(r'^(?P<stem>.+?)(?P<ext>\.nii(?:\.gz)?)$', re.IGNORECASE)
+_ISLES_FILE = re.compile(
+    r'^VSD\.Brain[^.]*\.XX\.O\.(?P<tok>MR_T1|MR_T2|MR_Flair|MR_DWI|OT)\.'
+    r'(?P<id>\d+)(?P<ext>\.nii(?:\.gz)?)$', re.IGNORECASE)
+
+
+@dataclasses.dataclass
+class Case:
+  """One subject: where its files are and how its files are named."""
+  subject_id: str
+  layout: str
+  dataset: str                      # 'brats' or 'isles2015'
+  directory: pathlib.Path           # subject folder (root for modality_first)
+  files: dict[str, pathlib.Path]    # canonical modality -> file
+  seg: pathlib.Path | None = None
+  ext: str = '.nii.gz'
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    return dataset_modalities(self.dataset)
+
+  def filename_for(self, modality: str) -> str:
+    """File name of ``modality`` (or 'seg') in this case's own convention."""
+    if self.layout == 'modality_first':
+      names = {p.name for p in self.files.values()}
+      if len(names) == 1:  # official layout: same name in every folder
+        return names.pop()
+      return f'{self.subject_id}_{modality}{self.ext}'
+    if self.layout == ISLES2015:
+      existing = self.files.get(modality) or (
+          self.seg if modality == 'seg' else None)
+      if existing is not None:
+        return existing.name
+      return f'VSD.Brain.XX.O.{_ISLES_TOKENS[modality]}.{self.subject_id}{self.ext}'
+    sep, tokens = _LAYOUT_NAMING[self.layout]
+    return f'{self.subject_id}{sep}{tokens[modality]}{self.ext}'
+
+  def path_for(self, modality: str) -> pathlib.Path:
+    """Where ``modality`` is (or would be) in the source tree."""
+    if modality == 'seg' and self.seg is not None:
+      return self.seg
+    if modality in self.files:
+      return self.files[modality]
+    if self.layout == 'modality_first':
+      return self.directory / modality / self.filename_for(modality)
+    return self.directory / self.filename_for(modality)
+
+
+def dataset_modalities(dataset: str) -> tuple[str, ...]:
+  return {BRATS: modalities_lib.BRATS_MODALITIES,
+          ISLES2015: modalities_lib.ISLES2015_MODALITIES}[dataset]
+
+
+def _nifti_files(root: pathlib.Path):
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+    for name in sorted(filenames):
+      if _NIFTI.match(name) and not name.startswith('.'):
+        yield pathlib.Path(dirpath) / name
+
+
+def _find_modality_first(root: pathlib.Path) -> list[Case]:
+  """Official layout: one folder per modality directly under ``root``."""
+  folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+  for dataset in (BRATS, ISLES2015):
+    mods = dataset_modalities(dataset)
+    if sum(m in folders for m in mods) < 2 or any(
+        m not in mods and m not in ('seg', 'label', 'labels') and
+        not m.startswith('.') for m in folders):
+      continue
+    by_subject: dict[str, Case] = {}
+    for modality in mods + ('seg',):
+      folder = folders.get(modality) or (
+          folders.get('label') or folders.get('labels')
+          if modality == 'seg' else None)
+      if folder is None:
+        continue
+      for path in sorted(folder.iterdir()):
+        match = _NIFTI.match(path.name)
+        if not match or not path.is_file():
+          continue
+        subject = _strip_modality_token(match['stem'], modality)
+        case = by_subject.setdefault(subject, Case(
+            subject, 'modality_first', dataset, root, {}, ext=match['ext']))
+        if modality == 'seg':
+          case.seg = path
+        else:
+          case.files[modality] = path
+    return sorted(by_subject.values(), key=lambda c: c.subject_id)
+  return []
+
+
+def _strip_modality_token(stem: str, modality: str) -> str:
+  tokens = {modality, _OLD_BRATS_TOKENS.get(modality, modality),
+            _NEW_BRATS_TOKENS.get(modality, modality)}
+  for token in tokens:
+    for sep in ('_', '-', '.'):
+      if stem.lower().endswith(sep + token.lower()):
+        return stem[:-len(token) - 1]
+  return stem
+
+
+def _find_isles2015(root: pathlib.Path) -> list[Case]:
+  tokens_to_modality = {v.lower(): k for k, v in _ISLES_TOKENS.items()}
+  by_subject: dict[pathlib.Path, Case] = {}
+  for path in _nifti_files(root):
+    match = _ISLES_FILE.match(path.name)
+    if not match:
+      continue
+    # <subject>/VSD.Brain.XX.O.MR_T1.<id>/<file>, or the file directly inside.
+    subject_dir = path.parent
+    if subject_dir.name.startswith('VSD.'):
+      subject_dir = subject_dir.parent
+    case = by_subject.setdefault(subject_dir, Case(
+        subject_dir.name, ISLES2015, ISLES2015, subject_dir, {},
+        ext=match['ext']))
+    modality = tokens_to_modality[match['tok'].lower()]
+    if modality == 'seg':
+      case.seg = path
+    else:
+      case.files[modality] = path
+  return list(by_subject.values())
+
+
+def _find_brats(root: pathlib.Path) -> list[Case]:
+  by_subject: dict[pathlib.Path, Case] = {}
+  for path in _nifti_files(root):
+    match = _NIFTI.match(path.name)
+    folder = path.parent.name
+    stem = match['stem']
+    for layout, folder_pattern, sep, tokens in _BRATS_FOLDERS:
+      if not folder_pattern.search(folder) or not stem.startswith(folder + sep):
+        continue
+      token = stem[len(folder) + 1:].lower()
+      modality = {v: k for k, v in tokens.items()}.get(token)
+      if modality is None:
+        break
+      case = by_subject.setdefault(path.parent, Case(
+          folder, layout, BRATS, path.parent, {}, ext=match['ext']))
+      if modality == 'seg':
+        case.seg = path
+      else:
+        case.files[modality] = path
+      break
+  return list(by_subject.values())
+
+
+def find_cases(root, dataset: str = 'auto') -> list[Case]:
+  """Lists the subjects under ``root``, sorted by subject id.
+
+  Args:
+    root: raw dataset folder (any depth above the subject folders).
+    dataset: 'auto', 'brats' or 'isles2015'.
+
+  Raises:
+    DataError: missing/empty folder, unknown layout, mixed datasets or
+      duplicate subject ids.
+  """
+  root = pathlib.Path(root)
+  if dataset not in DATASETS:
+    raise DataError(f'unknown dataset {dataset!r}; expected one of {DATASETS}')
+  if not root.is_dir():
+    raise DataError(f'{root}: no such directory')
+  if not any(root.iterdir()):
+    raise DataError(f'{root}: folder is empty')
+  cases = _find_modality_first(root)
+  if not cases:
+    found = {BRATS: _find_brats(root), ISLES2015: _find_isles2015(root)}
+    if dataset == 'auto':
+      nonempty = [d for d, c in found.items() if c]
+      if len(nonempty) > 1:
+        raise DataError(f'{root}: holds both BraTS and ISLES2015 subjects; '
+                        'pass --dataset')
+      cases = found[nonempty[0]] if nonempty else []
+    else:
+      cases = found[dataset]
+  if not cases:
+    has_nifti = next(_nifti_files(root), None)
+    what = ('no BraTS or ISLES2015 layout recognised among its NIfTI files'
+            if has_nifti else 'no NIfTI (.nii/.nii.gz) files found')
+    raise DataError(f'{root}: {what}')
+  if dataset != 'auto' and cases[0].dataset != dataset:
+    raise DataError(f'{root}: layout {cases[0].layout} is not {dataset}')
+  cases.sort(key=lambda c: c.subject_id)
+  ids = [c.subject_id for c in cases]
+  for a, b in zip(ids, ids[1:]):
+    if a == b:
+      raise DataError(f'{root}: subject id {a!r} appears twice')
+  return cases

@@ -1,0 +1,536 @@
+"""Raw NIfTI subjects -> normalised 2D slices in a TFDS ArrayRecord dataset.
+
+``prepare_dataset`` is the single entry point (the CLI ``python -m data_prep``
+and the trainer both call it).  Output, written into a temporary folder beside
+``dst`` and renamed into place only when complete:
+
+  dst/manifest.json                     every choice and per-subject geometry
+  dst/aegan_slices/1.0.0/*.array_record TFDS dataset, one record per slice
+
+Records: ``images`` [S, S, M] float16, ``seg`` [S, S] uint8 (zeros when the
+subject has no segmentation; see ``has_seg``), ``subject_id``, ``slice_index``,
+``example_id`` (position in its split).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import hashlib
+import io
+import itertools
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import nibabel as nib
+import numpy as np
+
+from data_prep import layouts
+from data_prep import preprocess
+from data_prep.errors import DataError
+
+MANIFEST = 'manifest.json'
+FORMAT_VERSION = 1
+BUILDER_NAME = 'aegan_slices'
+BUILDER_VERSION = '1.0.0'
+SPLITS = ('train', 'val', 'test')
+AFFINE_TOLERANCE = 1e-3
+IMAGE_DTYPE = np.float16
+
+
+def load_manifest(prepared_dir) -> dict:
+  """Reads ``prepared_dir/manifest.json``."""
+  path = pathlib.Path(prepared_dir) / MANIFEST
+  if not path.is_file():
+    raise DataError(f'{path}: not found; run python -m data_prep first')
+  return json.loads(path.read_text())
+
+
+def tfds_dir(prepared_dir) -> pathlib.Path:
+  return pathlib.Path(prepared_dir) / BUILDER_NAME / BUILDER_VERSION
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _one_line(exc: BaseException) -> str:
+  return ' '.join(f'{type(exc).__name__}: {exc}'.split())
+
+
+def _load_header(path: pathlib.Path):
+  try:
+    image = nib.load(path)
+  except Exception as exc:  # nibabel raises many types for corrupt files
+    raise DataError(f'{path}: not a readable NIfTI file ({_one_line(exc)})')
+  shape = tuple(int(s) for s in image.shape)
+  if len(shape) == 4 and shape[3] == 1:
+    shape = shape[:3]
+  if len(shape) != 3:
+    raise DataError(f'{path}: expected a 3D volume, got shape {shape}')
+  return image, shape
+
+
+def validate_headers(case: layouts.Case) -> dict:
+  """Checks presence, readability, shapes and affines; reads no voxels.
+
+  Returns ``{'shape', 'affine'}`` of the subject.
+  """
+  reference = None
+  names = list(case.modalities) + (['seg'] if case.seg is not None else [])
+  for modality in names:
+    path = case.path_for(modality)
+    if modality != 'seg' and modality not in case.files:
+      raise DataError(f'{path}: missing {modality} for subject '
+                      f'{case.subject_id}')
+    image, shape = _load_header(path)
+    if reference is None:
+      reference = modality, shape, image.affine
+      continue
+    ref_modality, ref_shape, ref_affine = reference
+    if shape != ref_shape:
+      raise DataError(f'{path}: shape {shape} differs from {ref_modality} '
+                      f'{ref_shape}')
+    difference = float(np.abs(image.affine - ref_affine).max())
+    if difference > AFFINE_TOLERANCE:
+      raise DataError(f'{path}: affine differs from {ref_modality} '
+                      f'(max abs difference {difference:.3g})')
+  return {'shape': list(reference[1]),
+          'affine': np.asarray(reference[2]).round(6).tolist()}
+
+
+def _read_volume(path: pathlib.Path, shape) -> np.ndarray:
+  try:
+    data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+  except Exception as exc:
+    raise DataError(f'{path}: cannot read voxel data ({_one_line(exc)})')
+  data = data.reshape(shape)
+  if not np.isfinite(data).all():
+    raise DataError(f'{path}: contains NaN or infinite values')
+  return data
+
+
+def load_subject(case: layouts.Case, header: dict, options: dict) -> dict:
+  """Reads, checks and slices one subject (thread-safe)."""
+  shape = tuple(header['shape'])
+  method = options['normalise']
+  fill = preprocess.background_value(method)
+  normalised, params, brain = [], {}, np.zeros(shape, bool)
+  for modality in case.modalities:
+    volume = _read_volume(case.files[modality], shape)
+    brain |= volume != 0
+    normed, params[modality] = preprocess.normalise_volume(volume, method)
+    normalised.append(normed)
+  indices = preprocess.select_slices(brain, options['slices'])
+  images = np.stack([
+      preprocess.volume_to_slices(v, indices, options['geometry'],
+                                  options['image_size'], fill)
+      for v in normalised], axis=-1).astype(IMAGE_DTYPE)
+  size = options['image_size']
+  seg = np.zeros((len(indices), size, size), np.uint8)
+  if case.seg is not None:
+    labels = np.rint(_read_volume(case.seg, shape)).astype(np.uint8)
+    seg = preprocess.volume_to_slices(labels, indices, options['geometry'],
+                                      size, labels=True).astype(np.uint8)
+  return {'images': images, 'seg': seg, 'slices': indices,
+          'normalisation': params}
+
+
+# ----------------------------------------------------------------- splitting
+
+
+def assign_splits(subject_ids, ratios, seed) -> dict[str, str]:
+  """Seeded subject-level split: subject id -> 'train' | 'val' | 'test'."""
+  ratios = np.asarray(ratios, np.float64)
+  if ratios.shape != (3,) or (ratios < 0).any() or ratios.sum() <= 0:
+    raise DataError(f'--split-ratios {tuple(ratios)}: expected three '
+                    'non-negative numbers with a positive sum')
+  ratios = ratios / ratios.sum()
+  ids = sorted(subject_ids)
+  count = len(ids)
+  # At least one subject in every requested split once there are enough.
+  val, test = (max(int(round(r * count)), int(r > 0 and count >= 3))
+               for r in ratios[1:])
+  test = min(test, count - val)
+  order = np.random.default_rng(seed).permutation(count)
+  names = ['train'] * (count - val - test) + ['val'] * val + ['test'] * test
+  return {ids[i]: names[rank] for rank, i in enumerate(order)}
+
+
+# ------------------------------------------------------------------ storage
+
+
+@functools.cache
+def _builder_class():
+  """The TFDS builder, defined lazily so importing this module stays light."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class AeganSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """One record per 2D slice; shapes come from the preparation plan."""
+    VERSION = tfds.core.Version(BUILDER_VERSION)
+
+    def __init__(self, *, plan, **kwargs):
+      self._plan = plan
+      super().__init__(**kwargs)
+
+    def _info(self):
+      size, count = self._plan.image_size, len(self._plan.modalities)
+      tensor = tfds.features.Tensor
+      # BYTES encoding: raw buffers, ~8x faster to write than the default.
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description='AE-GAN 2D slices; see manifest.json.',
+          features=tfds.features.FeaturesDict({
+              'images': tensor(shape=(size, size, count), dtype=IMAGE_DTYPE,
+                               encoding=tfds.features.Encoding.BYTES),
+              'seg': tensor(shape=(size, size), dtype=np.uint8,
+                            encoding=tfds.features.Encoding.BYTES),
+              'has_seg': tensor(shape=(), dtype=np.bool_),
+              'subject_id': tfds.features.Text(),
+              'slice_index': tensor(shape=(), dtype=np.int32),
+              'example_id': tensor(shape=(), dtype=np.int64),
+          }),
+          disable_shuffling=True)  # keep subject/slice order; Grain shuffles
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(split)
+              for split in self._plan.nonempty_splits()}
+
+    def _generate_examples(self, split):
+      yield from self._plan.examples(split)
+
+  return AeganSlices
+
+
+class _Plan:
+  """What to write; the builder pulls examples from it split by split."""
+
+  def __init__(self, cases, headers, splits, options, modalities, workers,
+               skip_bad, progress):
+    self.cases, self.headers, self.splits = cases, headers, splits
+    self.options, self.modalities = options, modalities
+    self.image_size = options['image_size']
+    self.workers, self.skip_bad = workers, skip_bad
+    self.subjects: dict[str, dict] = {}
+    self.skipped: list[dict] = []
+    self.slice_counts = collections.Counter()
+    self.error: DataError | None = None
+    self._streams = None
+    self._progress = _progress_bar(len(cases), progress)
+
+  def nonempty_splits(self):
+    """Splits left with at least one readable subject.
+
+    TFDS cannot write an empty split, and subjects may only turn out bad when
+    their voxels are read, so each split is read up to its first good subject
+    here; that subject is kept and written first.
+    """
+    if self._streams is None:
+      self._streams = {}
+      for split in SPLITS:
+        stream = self._good_subjects(split)
+        first = next(stream, None)
+        if first is not None:
+          self._streams[split] = itertools.chain([first], stream)
+      if not self._streams:
+        self.error = DataError('every subject was skipped')
+        raise self.error
+    return list(self._streams)
+
+  def _load(self, case):
+    try:
+      return case, load_subject(case, self.headers[case.subject_id],
+                                self.options)
+    except DataError as exc:
+      return case, exc
+
+  def _good_subjects(self, split):
+    cases = [c for c in self.cases if self.splits[c.subject_id] == split]
+    for case, result in _ordered_map(self._load, cases, self.workers):
+      self._progress.update(1)
+      if isinstance(result, DataError):
+        if not self.skip_bad:
+          self.error = result  # TFDS may wrap it; prepare_dataset re-raises
+          raise result
+        self.skipped.append({'subject_id': case.subject_id,
+                             'reason': str(result)})
+        continue
+      yield case, result
+
+  def examples(self, split):
+    example_id = 0
+    for case, result in self._streams[split]:
+      self.subjects[case.subject_id] = self._manifest_entry(case, result)
+      for i, index in enumerate(result['slices']):
+        yield f'{example_id:09d}', {
+            'images': result['images'][i], 'seg': result['seg'][i],
+            'has_seg': case.seg is not None, 'subject_id': case.subject_id,
+            'slice_index': index, 'example_id': example_id}
+        example_id += 1
+      self.slice_counts[split] += len(result['slices'])
+
+  def _manifest_entry(self, case, result):
+    header = self.headers[case.subject_id]
+    return {
+        'split': self.splits[case.subject_id],
+        'layout': case.layout,
+        'source_dir': str(case.directory),
+        'files': {m: str(p) for m, p in case.files.items()},
+        'seg': str(case.seg) if case.seg is not None else None,
+        'file_names': {m: case.filename_for(m)
+                       for m in list(case.modalities) + ['seg']},
+        'shape': header['shape'],
+        'affine': header['affine'],
+        'normalisation': result['normalisation'],
+        'slices': result['slices'],
+    }
+
+  def close(self):
+    self._progress.close()
+
+
+def _progress_bar(total, enabled):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, unit='subject', file=sys.stderr,
+              disable=not enabled, desc='preparing')
+
+
+def _ordered_map(fn, items, workers):
+  """``map`` on a thread pool, in order, with a bounded read-ahead.
+
+  NIfTI decompression (zlib) and numpy release the GIL, so threads overlap
+  reading; the bound keeps memory at ~2*workers subjects.
+  """
+  if workers <= 1:
+    yield from map(fn, items)
+    return
+  pool = concurrent.futures.ThreadPoolExecutor(workers)
+  try:
+    items = iter(items)
+    pending = collections.deque(
+        pool.submit(fn, item) for item in itertools.islice(items, 2 * workers))
+    while pending:
+      result = pending.popleft().result()
+      for item in itertools.islice(items, 1):
+        pending.append(pool.submit(fn, item))
+      yield result
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_tfds(plan, out_dir: pathlib.Path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
+  builder = _builder_class()(plan=plan, data_dir=str(out_dir),
+                             file_format='array_record')
+  download_dir = out_dir / '.downloads'
+  bars_were_on = tqdm_utils._active  # pylint: disable=protected-access
+  tfds.display_progress_bar(False)  # ours is per subject
+  try:
+    # TFDS prints banners on stdout; keep stdout for our report.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_dir=str(download_dir))
+  except BaseException:
+    if plan.error is not None:
+      raise plan.error from None
+    raise
+  finally:
+    tfds.display_progress_bar(bars_were_on)
+    shutil.rmtree(download_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------- driver
+
+
+def _fingerprint(cases, options) -> str:
+  """Hash of the inputs (path, size, mtime of every file) and the options.
+
+  File stats rather than contents: hashing tens of GB of NIfTI would cost more
+  than preparing them.
+  """
+  digest = hashlib.sha256(json.dumps(
+      {'version': FORMAT_VERSION, 'options': options}, sort_keys=True).encode())
+  for case in cases:
+    paths = list(case.files.values()) + ([case.seg] if case.seg else [])
+    for path in sorted(paths):
+      stat = path.stat()
+      digest.update(f'{case.subject_id}|{path.resolve()}|{stat.st_size}|'
+                    f'{stat.st_mtime_ns}\n'.encode())
+  return digest.hexdigest()
+
+
+def _check_options(normalise, slices, geometry, image_size, workers):
+  if normalise not in preprocess.NORMALISATIONS:
+    raise DataError(f'--normalise {normalise!r}: expected one of '
+                    f'{preprocess.NORMALISATIONS}')
+  preprocess.parse_slices(slices)
+  if geometry not in preprocess.GEOMETRIES:
+    raise DataError(f'--geometry {geometry!r}: expected one of '
+                    f'{preprocess.GEOMETRIES}')
+  if image_size < 1:
+    raise DataError(f'--image-size {image_size}: must be positive')
+  if workers < 1:
+    raise DataError(f'--workers {workers}: must be at least 1')
+
+
+def _discover(src, split_sources, dataset):
+  """Cases, and the fixed split of each when sources are given per split."""
+  if split_sources:
+    cases, fixed = [], {}
+    for split, root in split_sources.items():
+      if split not in SPLITS:
+        raise DataError(f'unknown split {split!r}; expected {SPLITS}')
+      for case in layouts.find_cases(root, dataset):
+        if case.subject_id in fixed:
+          raise DataError(f'{case.directory}: subject {case.subject_id} '
+                          f'also appears in the {fixed[case.subject_id]} '
+                          'source')
+        fixed[case.subject_id] = split
+        cases.append(case)
+    return cases, fixed
+  if src is None:
+    raise DataError('give --src, or --train-src/--val-src/--test-src')
+  return layouts.find_cases(src, dataset), None
+
+
+def prepare_dataset(src, dst, *, dataset='auto', normalise='max',
+                    slices='official', geometry='resize', image_size=256,
+                    split_ratios=(0.8, 0.1, 0.1), split_seed=0,
+                    split_sources=None, skip_bad=False, workers=1,
+                    overwrite=False, progress=True) -> dict:
+  """Prepares ``dst`` from the raw subjects under ``src``.
+
+  Args:
+    src: raw dataset root (any supported layout), or None with
+      ``split_sources``.
+    dst: output folder; must not exist, hold the same preparation (then
+      nothing is done), or ``overwrite`` must be set.
+    dataset: 'auto', 'brats' or 'isles2015'.
+    normalise: 'max' (official), 'percentile' or 'zscore'.
+    slices: 'official' (axial 78), 'range:A:B' or 'nonempty:F'.
+    geometry: 'resize' (bilinear, official) or 'pad' (exactly invertible).
+    image_size: output slice side.
+    split_ratios: train/val/test fractions of subjects.
+    split_seed: seed of the subject-level split.
+    split_sources: optional {'train'|'val'|'test': raw root}; the split then
+      follows the folders and ``src``/``split_ratios`` are unused.
+    skip_bad: skip invalid subjects (listed in the report) instead of failing.
+    workers: threads reading NIfTI.
+    overwrite: replace a ``dst`` prepared with other inputs or options.
+    progress: show a tqdm bar on stderr.
+
+  Returns:
+    Report dict: dst, up_to_date, subjects, slices, splits, skipped, seconds,
+    slices_per_second.
+
+  Raises:
+    DataError: any problem with the inputs or options (one-line message).
+  """
+  start = time.perf_counter()
+  dst = pathlib.Path(dst)
+  _check_options(normalise, slices, geometry, image_size, workers)
+  cases, fixed_splits = _discover(src, split_sources, dataset)
+  modality_sets = {c.modalities for c in cases}
+  if len(modality_sets) > 1:
+    raise DataError('sources mix BraTS and ISLES2015 subjects')
+  options = {
+      'dataset': cases[0].dataset, 'normalise': normalise, 'slices': slices,
+      'geometry': geometry, 'image_size': int(image_size),
+      'split_ratios': None if fixed_splits else [float(r) for r in split_ratios],
+      'split_seed': None if fixed_splits else int(split_seed),
+      'split_sources': ({k: str(pathlib.Path(v).resolve())
+                         for k, v in split_sources.items()}
+                        if fixed_splits else None),
+      'src': None if fixed_splits else str(pathlib.Path(src).resolve()),
+      'skip_bad': bool(skip_bad),
+  }
+  content_hash = _fingerprint(cases, options)
+  if (dst / MANIFEST).is_file():
+    previous = load_manifest(dst)
+    if previous.get('content_hash') == content_hash:
+      return {'dst': str(dst), 'up_to_date': True,
+              'subjects': len(previous['subjects']),
+              'slices': sum(s['slices'] for s in previous['splits'].values()),
+              'splits': previous['splits'], 'skipped': previous['skipped'],
+              'seconds': time.perf_counter() - start, 'slices_per_second': 0.0}
+  if dst.exists() and any(dst.iterdir()) and not overwrite:
+    why = ('was prepared from other inputs or options'
+           if (dst / MANIFEST).is_file() else 'is not empty')
+    raise DataError(f'{dst}: {why}; pass --overwrite or choose another --dst')
+
+  headers, good, skipped = {}, [], []
+  for case in cases:
+    try:
+      headers[case.subject_id] = validate_headers(case)
+      good.append(case)
+    except DataError as exc:
+      if not skip_bad:
+        raise
+      skipped.append({'subject_id': case.subject_id, 'reason': str(exc)})
+  if not good:
+    raise DataError(f'{src}: no valid subject left to prepare')
+  splits = fixed_splits or assign_splits(
+      [c.subject_id for c in good], split_ratios, split_seed)
+  plan = _Plan(good, headers, splits, options, list(good[0].modalities),
+               workers, skip_bad, progress)
+  plan.skipped.extend(skipped)
+
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{dst.name}.partial-',
+                                          dir=dst.parent))
+  try:
+    _write_tfds(plan, staging)
+    plan.close()
+    manifest = _manifest(plan, content_hash)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if dst.exists():
+      shutil.rmtree(dst)
+    os.replace(staging, dst)
+  except BaseException:
+    plan.close()
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  seconds = time.perf_counter() - start
+  total = sum(plan.slice_counts.values())
+  return {'dst': str(dst), 'up_to_date': False,
+          'subjects': len(plan.subjects), 'slices': total,
+          'splits': manifest['splits'], 'skipped': plan.skipped,
+          'seconds': seconds, 'slices_per_second': total / max(seconds, 1e-9)}
+
+
+def _manifest(plan, content_hash) -> dict:
+  size, count = plan.image_size, len(plan.modalities)
+  image_bytes = size * size * count * np.dtype(IMAGE_DTYPE).itemsize
+  per_split = {s: {'subjects': sum(1 for v in plan.subjects.values()
+                                   if v['split'] == s),
+                   'slices': plan.slice_counts[s]} for s in SPLITS}
+  return {
+      'format': 'aegan-jax prepared slices',
+      'version': FORMAT_VERSION,
+      'content_hash': content_hash,
+      'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+      'dataset': plan.options['dataset'],
+      'modalities': plan.modalities,
+      'image_size': size,
+      'options': plan.options,
+      'background_value': preprocess.background_value(
+          plan.options['normalise']),
+      'slice_axis': 2,
+      'slice_orientation': 'vol[:, :, z] stored as [H, W] = [X, Y], unrotated',
+      'storage': {
+          'tfds_name': BUILDER_NAME, 'tfds_version': BUILDER_VERSION,
+          'tfds_path': f'{BUILDER_NAME}/{BUILDER_VERSION}',
+          'file_format': 'array_record', 'images_dtype': 'float16',
+          'seg_dtype': 'uint8',
+          'bytes_per_slice': {'images': image_bytes, 'seg': size * size},
+      },
+      'splits': per_split,
+      'skipped': plan.skipped,
+      'subjects': plan.subjects,
+  }

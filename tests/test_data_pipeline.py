@@ -1,0 +1,127 @@
+"""Grain pipeline over a prepared phantom."""
+import numpy as np
+import pytest
+
+from aegan_jax import data
+from aegan_jax import modalities
+from data_prep import phantom
+from data_prep import prepare
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp('pipeline')
+  phantom.write_phantom_dataset(root / 'raw', 5, seed=1, shape=(24, 24, 16))
+  prepare.prepare_dataset(root / 'raw', root / 'prepared', image_size=16,
+                          slices='nonempty:0.2', split_ratios=(0.6, 0.2, 0.2),
+                          progress=False)
+  return root / 'prepared'
+
+
+def _ids(batch):
+  return batch['example_id'].tolist()
+
+
+def test_batches_have_the_documented_layout(prepared):
+  loader = data.make_train_loader(prepared, global_batch_size=4, seed=0,
+                                  process_index=0, process_count=1)
+  batch = next(iter(loader))
+  assert batch['generator_input'].shape == (4, 16, 16, 15)
+  assert batch['target'].shape == (4, 16, 16, 1)
+  assert batch['images'].shape == (4, 16, 16, 4)
+  assert batch['target_index'].dtype == np.int32
+  assert batch['generator_input'].dtype == np.float32
+  expected = modalities.assemble_generator_input(batch['images'],
+                                                 batch['target_index'])
+  np.testing.assert_array_equal(batch['generator_input'], expected)
+  for i, t in enumerate(batch['target_index']):
+    np.testing.assert_array_equal(batch['target'][i, ..., 0],
+                                  batch['images'][i, ..., t])
+
+
+def test_restored_state_replays_batches(prepared):
+  loader = data.make_train_loader(prepared, global_batch_size=4, seed=7,
+                                  process_index=0, process_count=1, flip=True,
+                                  random_crop=True)
+  iterator = iter(loader)
+  for _ in range(3):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(4)]
+  restored = iter(loader)
+  restored.set_state(state)
+  for want in expected:
+    got = next(restored)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_targets_subset_and_seed(prepared):
+  loader = data.make_train_loader(prepared, global_batch_size=8, seed=0,
+                                  targets=(3,), process_index=0,
+                                  process_count=1)
+  iterator = iter(loader)
+  assert all((next(iterator)['target_index'] == 3).all() for _ in range(3))
+  seen = set()
+  iterator = iter(data.make_train_loader(prepared, global_batch_size=8, seed=0,
+                                         process_index=0, process_count=1))
+  for _ in range(6):
+    seen |= set(next(iterator)['target_index'].tolist())
+  assert seen == {0, 1, 2, 3}
+  other = iter(data.make_train_loader(prepared, global_batch_size=8, seed=1,
+                                      process_index=0, process_count=1))
+  assert _ids(next(other)) != _ids(next(iter(loader)))
+
+
+@pytest.mark.parametrize('process_count', [2, 3, 4])
+def test_process_shards_are_disjoint(prepared, process_count):
+  total = data.num_examples(prepared, 'train')
+  shards = []
+  for index in range(process_count):
+    loader = data.make_loader(
+        prepared, global_batch_size=process_count, seed=3, num_epochs=1,
+        drop_remainder=False, process_index=index,
+        process_count=process_count)
+    shards.append([i for batch in loader for i in _ids(batch)])
+  flat = [i for shard in shards for i in shard]
+  assert len(flat) == len(set(flat))
+  # Grain's IndexSampler gives every process the same number of records:
+  # an epoch drops the remainder (fewer than process_count records).
+  assert total - process_count < len(flat) <= total
+  assert len({len(shard) for shard in shards}) == 1
+  if total % process_count == 0:
+    assert sorted(flat) == list(range(total))
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3, 4])
+def test_evaluation_shards_cover_everything(prepared, process_count):
+  shards = [[(e['subject_id'], e['slice_index'])
+             for e in data.iterate_split(prepared, 'train', process_index=i,
+                                         process_count=process_count)]
+            for i in range(process_count)]
+  flat = [key for shard in shards for key in shard]
+  assert len(flat) == len(set(flat)) == data.num_examples(prepared, 'train')
+
+
+def test_augmentation_keeps_modalities_aligned(prepared):
+  plain = data.make_loader(prepared, global_batch_size=4, seed=2, num_epochs=1,
+                           shuffle=False, process_index=0, process_count=1)
+  flipped = data.make_loader(prepared, global_batch_size=4, seed=2,
+                             num_epochs=1, shuffle=False, flip=True,
+                             process_index=0, process_count=1)
+  a, b = next(iter(plain)), next(iter(flipped))
+  for i in range(4):
+    same = np.array_equal(a['images'][i], b['images'][i])
+    mirrored = np.array_equal(a['images'][i, :, ::-1], b['images'][i])
+    assert same or mirrored
+
+
+def test_iterate_split_covers_test_subjects(prepared):
+  manifest = data.load_manifest(prepared)
+  examples = list(data.iterate_split(prepared, 'test'))
+  assert len(examples) == data.num_examples(prepared, 'test') > 0
+  subjects = {s for s, e in manifest['subjects'].items() if e['split'] == 'test'}
+  assert {e['subject_id'] for e in examples} == subjects
+  first = examples[0]
+  assert first['images'].shape == (16, 16, 4) and 'seg' in first
+  assert first['slice_index'] in manifest['subjects'][first['subject_id']]['slices']

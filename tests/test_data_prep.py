@@ -1,0 +1,283 @@
+"""Discovery, validation, preprocessing and the data_prep CLI."""
+import gzip
+import json
+import pathlib
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_prep import layouts
+from data_prep import phantom
+from data_prep import prepare
+from data_prep import preprocess
+from data_prep.errors import DataError
+
+SHAPE = (16, 16, 8)
+OLD = ('t1', 't1ce', 't2', 'flair', 'seg')
+NEW = ('t1n', 't1c', 't2w', 't2f', 'seg')
+FAST = dict(slices='range:2:6', image_size=16, progress=False)
+
+
+def _volume(seed, shape=SHAPE, dtype=np.int16):
+  rng = np.random.default_rng(seed)
+  vol = np.zeros(shape, np.float32)
+  vol[3:-3, 3:-3, 1:-1] = rng.uniform(50, 1000, (shape[0] - 6, shape[1] - 6,
+                                                  shape[2] - 2))
+  return vol.astype(dtype)
+
+
+def _write(path, data=None, affine=None):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  data = _volume(hash(path.name) % 1000) if data is None else data
+  nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine),
+           path)
+  return path
+
+
+def _subject(folder, name, sep, tokens, ext='.nii.gz'):
+  for token in tokens:
+    _write(folder / name / f'{name}{sep}{token}{ext}')
+
+
+def _brats2020(root, count=3):
+  for i in range(count):
+    _subject(root, f'BraTS20_Training_{i + 1:03d}', '_', OLD)
+  return root
+
+
+def _tree(kind, root):
+  """Builds a tiny raw tree; returns (expected layout, subjects, with seg)."""
+  if kind == 'brats2018':
+    _subject(root / 'HGG', 'Brats18_2013_2_1', '_', OLD)
+    _subject(root / 'LGG', 'Brats18_TCIA09_1', '_', OLD)
+    return 'brats2018', 2
+  if kind == 'brats2019':
+    _subject(root / 'HGG', 'BraTS19_2013_2_1', '_', OLD)
+    _subject(root / 'LGG', 'BraTS19_TCIA09_1', '_', OLD, ext='.nii')
+    return 'brats2019', 2
+  if kind == 'brats2020':
+    _brats2020(root, 3)
+    return 'brats2020', 3
+  if kind == 'brats2021':
+    for i in range(2):
+      _subject(root, f'BraTS2021_{i:05d}', '_', OLD)
+    return 'brats2021', 2
+  if kind == 'brats2023':
+    _subject(root, 'BraTS-GLI-00000-000', '-', NEW)
+    _subject(root, 'BraTS-MET-00001-000', '-', NEW[:4])  # validation: no seg
+    _subject(root, 'BraTS-PED-00002-000', '-', NEW, ext='.nii')
+    return 'brats2023', 3
+  if kind == 'modality_first':
+    for modality in ('flair', 't1', 't1ce', 't2'):
+      for subject in ('case_a', 'case_b'):
+        _write(root / modality / f'{subject}.nii.gz')
+    return 'modality_first', 2
+  if kind == 'isles2015':
+    for subject, base in (('1', 70600), ('2', 70700)):
+      for j, token in enumerate(('MR_T1', 'MR_T2', 'MR_Flair', 'MR_DWI', 'OT')):
+        name = f'VSD.Brain.XX.O.{token}.{base + j}'
+        _write(root / 'Training' / subject / name / f'{name}.nii')
+    return 'isles2015', 2
+  raise ValueError(kind)
+
+
+LAYOUTS = ('brats2018', 'brats2019', 'brats2020', 'brats2021', 'brats2023',
+           'modality_first', 'isles2015')
+
+
+@pytest.mark.parametrize('kind', LAYOUTS)
+def test_layout_detected(tmp_path, kind):
+  layout, count = _tree(kind, tmp_path)
+  cases = layouts.find_cases(tmp_path)
+  assert [c.layout for c in cases] == [layout] * count
+  for case in cases:
+    assert set(case.files) == set(case.modalities), case
+    for modality, path in case.files.items():
+      assert case.path_for(modality) == path
+  if kind == 'isles2015':
+    assert cases[0].modalities == ('t1', 't2', 'flair', 'dwi')
+    assert cases[0].seg is not None
+  else:
+    assert cases[0].modalities == ('t1', 't1ce', 't2', 'flair')
+
+
+def test_file_names_follow_layout(tmp_path):
+  _tree('brats2023', tmp_path / 'a')
+  _tree('brats2020', tmp_path / 'b')
+  new = layouts.find_cases(tmp_path / 'a')[0]
+  old = layouts.find_cases(tmp_path / 'b')[0]
+  assert new.filename_for('flair') == 'BraTS-GLI-00000-000-t2f.nii.gz'
+  assert old.filename_for('t1ce') == 'BraTS20_Training_001_t1ce.nii.gz'
+  assert layouts.find_cases(tmp_path / 'a')[1].seg is None
+  _tree('modality_first', tmp_path / 'c')
+  assert layouts.find_cases(tmp_path / 'c')[0].filename_for('t2') == 'case_a.nii.gz'
+
+
+def _leftovers(dst):
+  return [p.name for p in dst.parent.iterdir() if p.name.startswith(f'.{dst.name}')]
+
+
+def _expect_error(src, dst, match, **kwargs):
+  with pytest.raises(DataError, match=match) as info:
+    prepare.prepare_dataset(src, dst, **{**FAST, **kwargs})
+  assert '\n' not in str(info.value)
+  assert not dst.exists() and not _leftovers(dst)
+  return str(info.value)
+
+
+def _corrupt(path):
+  path.write_bytes(b'this is not a nifti file' * 10)
+
+
+def _truncate(path):
+  raw = gzip.decompress(path.read_bytes())
+  path.write_bytes(gzip.compress(raw[:len(raw) // 2]))
+
+
+def _reshape(path):
+  _write(path, _volume(1, (16, 16, 7)))
+
+
+def _shift(path):
+  affine = np.eye(4)
+  affine[0, 3] = 2.0
+  _write(path, _volume(1), affine)
+
+
+def _nan(path):
+  data = _volume(1).astype(np.float32)
+  data[8, 8, 4] = np.nan
+  _write(path, data)
+
+
+@pytest.mark.parametrize('damage,reason', [
+    (lambda p: p.unlink(), 'missing t2'),
+    (_corrupt, 'not a readable NIfTI'),
+    (_truncate, 'cannot read voxel data'),
+    (_reshape, r'shape \(16, 16, 7\) differs from t1 \(16, 16, 8\)'),
+    (_shift, 'affine differs from t1'),
+    (_nan, 'NaN'),
+])
+def test_bad_subject_fails_cleanly(tmp_path, damage, reason):
+  src = _brats2020(tmp_path / 'raw')
+  bad = src / 'BraTS20_Training_002' / 'BraTS20_Training_002_t2.nii.gz'
+  damage(bad)
+  message = _expect_error(src, tmp_path / 'out', reason)
+  assert message.startswith(str(bad))
+  report = prepare.prepare_dataset(src, tmp_path / 'out', skip_bad=True,
+                                   **FAST)
+  assert [s['subject_id'] for s in report['skipped']] == ['BraTS20_Training_002']
+  assert report['subjects'] == 2
+
+
+def test_empty_and_unknown_folders(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  _expect_error(tmp_path / 'empty', tmp_path / 'out', 'empty')
+  _write(tmp_path / 'odd' / 'scans' / 'brain.nii.gz')
+  _expect_error(tmp_path / 'odd', tmp_path / 'out', 'no BraTS or ISLES2015')
+  _expect_error(tmp_path / 'nowhere', tmp_path / 'out', 'no such directory')
+
+
+@pytest.mark.parametrize('method', preprocess.NORMALISATIONS)
+def test_pad_round_trip_is_exact(method):
+  vol = _volume(3).astype(np.float32)
+  normed, params = preprocess.normalise_volume(vol, method)
+  fill = preprocess.background_value(method)
+  assert (normed[vol == 0] == fill).all()
+  indices = list(range(SHAPE[2]))
+  slices = preprocess.volume_to_slices(normed, indices, 'pad', 21, fill)
+  assert slices.shape == (SHAPE[2], 21, 21)
+  rebuilt = preprocess.slices_to_volume(slices, SHAPE, indices, 'pad', fill)
+  np.testing.assert_array_equal(rebuilt, normed)
+  back = preprocess.denormalise(rebuilt, params)
+  if method != 'percentile':  # percentile clips the tails
+    np.testing.assert_allclose(back, vol, rtol=1e-5, atol=1e-2)
+
+
+def test_resize_is_bilinear_and_shape_preserving():
+  ramp = np.tile(np.arange(8, dtype=np.float32), (8, 1))
+  up = preprocess.resize_bilinear(ramp, (16, 16))
+  assert up.shape == (16, 16)
+  np.testing.assert_allclose(up[0, 1:-1], (np.arange(1, 15) - 0.5) / 2)
+  np.testing.assert_allclose(preprocess.resize_bilinear(ramp, (8, 8)), ramp)
+
+
+def test_prepared_pad_slices_rebuild_volume(tmp_path):
+  from aegan_jax import data  # pylint: disable=g-import-not-at-top
+  src = _brats2020(tmp_path / 'raw', 2)
+  dst = tmp_path / 'out'
+  prepare.prepare_dataset(src, dst, geometry='pad', image_size=20,
+                          slices='range:0:8', split_ratios=(1, 0, 0),
+                          progress=False)
+  manifest = prepare.load_manifest(dst)
+  entry = manifest['subjects']['BraTS20_Training_001']
+  slices = [e['images'] for e in data.iterate_split(dst, 'train')
+            if e['subject_id'] == 'BraTS20_Training_001']
+  for m, modality in enumerate(manifest['modalities']):
+    rebuilt = preprocess.slices_to_volume(
+        np.stack(slices)[..., m], entry['shape'], entry['slices'], 'pad',
+        manifest['background_value'])
+    vol = nib.load(entry['files'][modality]).get_fdata(dtype=np.float32)
+    expected, params = preprocess.normalise_volume(vol, 'max')
+    assert params == entry['normalisation'][modality]
+    # Exact up to the float16 storage.
+    np.testing.assert_array_equal(rebuilt, expected.astype(np.float16))
+
+
+def test_split_is_disjoint_and_complete(tmp_path):
+  ids = [f's{i:03d}' for i in range(50)]
+  splits = prepare.assign_splits(ids, (0.8, 0.1, 0.1), seed=0)
+  assert sorted(splits) == ids
+  assert [sum(v == s for v in splits.values()) for s in prepare.SPLITS] == [40, 5, 5]
+  assert splits == prepare.assign_splits(ids, (0.8, 0.1, 0.1), seed=0)
+  assert splits != prepare.assign_splits(ids, (0.8, 0.1, 0.1), seed=1)
+
+
+def test_split_sources_and_rerun(tmp_path):
+  from aegan_jax import data  # pylint: disable=g-import-not-at-top
+  train = _brats2020(tmp_path / 'train', 2)
+  test = tmp_path / 'test'
+  _subject(test, 'BraTS20_Validation_001', '_', OLD[:4])
+  dst = tmp_path / 'out'
+  kwargs = dict(split_sources={'train': train, 'test': test}, **FAST)
+  report = prepare.prepare_dataset(None, dst, **kwargs)
+  assert report['splits']['train']['subjects'] == 2
+  seen = {s: {e['subject_id'] for e in data.iterate_split(dst, s)}
+          for s in prepare.SPLITS}
+  assert seen['test'] == {'BraTS20_Validation_001'}
+  assert not seen['train'] & seen['test']
+  assert 'seg' not in next(data.iterate_split(dst, 'test'))
+  assert prepare.prepare_dataset(None, dst, **kwargs)['up_to_date']
+  with pytest.raises(DataError, match='other inputs or options'):
+    prepare.prepare_dataset(None, dst, **{**kwargs, 'normalise': 'zscore'})
+  report = prepare.prepare_dataset(None, dst, overwrite=True,
+                                   **{**kwargs, 'normalise': 'zscore'})
+  assert prepare.load_manifest(dst)['options']['normalise'] == 'zscore'
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', 'data_prep', *map(str, args)],
+                        capture_output=True, text=True, timeout=60,
+                        cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_cli_smoke(tmp_path):
+  phantom.write_phantom_dataset(tmp_path / 'raw', 4, seed=0, shape=(24, 24, 16),
+                                layout='brats2023')
+  dst = tmp_path / 'prepared'
+  args = ('--src', tmp_path / 'raw', '--dst', dst, '--slices', 'nonempty:0.2',
+          '--image-size', 32, '--workers', 2)
+  run = _cli(*args)
+  assert run.returncode == 0, run.stderr
+  assert 'prepared 4 subjects' in run.stdout and 'slices/s' in run.stdout
+  manifest = json.loads((dst / 'manifest.json').read_text())
+  assert manifest['options']['slices'] == 'nonempty:0.2'
+  assert sum(s['subjects'] for s in manifest['splits'].values()) == 4
+  assert 'up to date' in _cli(*args).stdout
+  (tmp_path / 'empty').mkdir()
+  run = _cli('--src', tmp_path / 'empty', '--dst', tmp_path / 'x')
+  assert run.returncode == 2
+  assert run.stderr.strip() == f'error: {tmp_path / "empty"}: folder is empty'

@@ -1,0 +1,76 @@
+"""The synthetic BraTS-like phantom."""
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_prep import layouts
+from data_prep import phantom
+
+SMALL = (32, 32, 24)
+
+
+@pytest.fixture(scope='module')
+def subject():
+  return phantom.make_subject(np.random.default_rng(3), (72, 72, 48))
+
+
+def _files(folder):
+  return sorted(p for p in folder.rglob('*.nii.gz'))
+
+
+def test_deterministic_bytes(tmp_path):
+  a = phantom.write_phantom_dataset(tmp_path / 'a', 2, seed=5, shape=SMALL)
+  b = phantom.write_phantom_dataset(tmp_path / 'b', 2, seed=5, shape=SMALL)
+  c = phantom.write_phantom_dataset(tmp_path / 'c', 2, seed=6, shape=SMALL)
+  for fa, fb, fc in zip(_files(tmp_path / 'a'), _files(tmp_path / 'b'),
+                        _files(tmp_path / 'c')):
+    assert fa.read_bytes() == fb.read_bytes(), fa
+    if 'seg' not in fa.name:
+      assert fa.read_bytes() != fc.read_bytes(), fa
+  assert [p.name for p in a] == [p.name for p in b]
+
+
+def test_contrast_follows_mri_physics(subject):
+  tissue, volumes = subject['tissue'], subject['volumes']
+  def mean(modality, tissue_index):
+    return volumes[modality][tissue == tissue_index].mean()
+  csf, gm, wm, edema = phantom.CSF, phantom.GM, phantom.WM, phantom.EDEMA
+  assert mean('t1', wm) > mean('t1', gm) > mean('t1', csf)
+  assert mean('t2', csf) > mean('t2', gm) > mean('t2', wm)
+  assert mean('flair', csf) < mean('flair', wm)
+  assert mean('flair', edema) > mean('flair', gm)
+  assert mean('t2', edema) > mean('t2', wm)
+  enhancing = phantom.ENHANCING
+  assert (mean('t1ce', enhancing) / mean('t1ce', wm) >
+          mean('t1', enhancing) / mean('t1', wm) * 1.5)
+
+
+def test_background_is_exactly_zero(subject):
+  brain = subject['brain']
+  for volume in subject['volumes'].values():
+    assert (volume[~brain] == 0).all()
+    assert (volume[brain] > 0).all()
+  assert 0.1 < brain.mean() < 0.5  # BraTS: ~16% of the volume
+  assert (subject['tumour'][~brain] == 0).all()
+
+
+def test_most_subjects_have_tumours():
+  rng = np.random.default_rng(0)
+  with_tumour = sum(
+      (phantom.make_subject(rng, SMALL)['tumour'] > 0).any() for _ in range(12))
+  assert with_tumour >= 7
+
+
+@pytest.mark.parametrize('layout,label', [('brats2020', 4), ('brats2023', 3)])
+def test_written_layout_is_detected(tmp_path, layout, label):
+  phantom.write_phantom_dataset(tmp_path, 3, seed=0, shape=SMALL, layout=layout)
+  cases = layouts.find_cases(tmp_path)
+  assert [c.layout for c in cases] == [layout] * 3
+  case = cases[0]
+  assert set(case.files) == {'t1', 't1ce', 't2', 'flair'}
+  image = nib.load(case.files['t1'])
+  assert image.shape == SMALL and image.get_data_dtype() == np.int16
+  assert np.allclose(np.abs(np.diag(image.affine))[:3], 1)
+  labels = set(np.unique(np.asarray(nib.load(case.seg).dataobj)).tolist())
+  assert labels <= {0, 1, 2, label}
+  assert phantom.subject_id(layout, 0) == case.subject_id
