@@ -13,8 +13,9 @@ Randomness (shuffle, scenario, augmentation) is a function of the seed and the
 record index only, so runs replay exactly and iterator checkpoints restore.
 
 Worker processes (``worker_count > 0``) are spawned by Grain: the launching
-script needs an ``if __name__ == '__main__':`` guard, and with absl the flags
-must be parsed in the parent (``app.run``) before the loader is iterated.
+script needs an ``if __name__ == '__main__':`` guard, and Grain reads absl
+flags, so they must be parsed in the parent (``app.run`` does it; otherwise
+``make_loader`` marks them parsed, keeping the defaults).
 """
 from __future__ import annotations
 
@@ -82,19 +83,19 @@ class Augment(grain.transforms.RandomMap):
 class SampleScenario(grain.transforms.RandomMap):
   """Draws the missing (target) modality uniformly from ``targets``."""
 
-  def __init__(self, targets: Sequence[int]):
+  def __init__(self, targets: Sequence[int], with_generator_input: bool = True):
     self.targets = np.asarray(targets, np.int32)
+    self.with_generator_input = with_generator_input
 
   def random_map(self, element, rng: np.random.Generator):
     images = element['images']
     target = self.targets[rng.integers(len(self.targets))]
-    return {
-        **element,
-        'generator_input': modalities_lib.assemble_generator_input(
-            images, target).astype(np.float32),
-        'target': images[..., target:target + 1],
-        'target_index': np.int32(target),
-    }
+    example = {**element, 'target': images[..., target:target + 1],
+               'target_index': np.int32(target)}
+    if self.with_generator_input:
+      example['generator_input'] = modalities_lib.assemble_generator_input(
+          images, target).astype(np.float32)
+    return example
 
 
 def _process(process_index, process_count):
@@ -109,10 +110,15 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
                 split: str = 'train', targets: Sequence[int] | None = None,
                 flip: bool = False, random_crop: bool = False,
                 crop_padding: int | None = None, shuffle: bool = True,
+                with_generator_input: bool = True,
                 num_epochs: int | None = None, drop_remainder: bool = True,
                 worker_count: int = 0, process_index: int | None = None,
                 process_count: int | None = None) -> grain.DataLoader:
   """Batched loader for this process's shard of ``split``.
+
+  ``with_generator_input=False`` leaves out 'generator_input' (15 of the 20
+  channels per example); the step can build it on device with
+  ``assemble_generator_input(images, target_index, xp=jnp)``.
 
   Each process gets ``global_batch_size // process_count`` examples per batch
   from a disjoint shard of the records.  Grain's IndexSampler makes all
@@ -141,11 +147,21 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
                else crop_padding)
     operations.append(Augment(flip, random_crop, padding,
                               manifest['background_value']))
-  operations += [SampleScenario(targets),
+  operations += [SampleScenario(targets, with_generator_input),
                  grain.transforms.Batch(global_batch_size // process_count,
                                         drop_remainder=drop_remainder)]
+  if worker_count > 0:
+    _ensure_absl_flags_parsed()
   return grain.DataLoader(data_source=source, sampler=sampler,
                           operations=operations, worker_count=worker_count)
+
+
+def _ensure_absl_flags_parsed():
+  """Grain's worker start-up reads absl flags; scripts without app.run never
+  parse them.  Marking them parsed keeps the defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def make_train_loader(prepared_dir, *, global_batch_size: int, seed: int,
@@ -153,7 +169,8 @@ def make_train_loader(prepared_dir, *, global_batch_size: int, seed: int,
                       random_crop: bool = False, worker_count: int = 0,
                       process_index: int | None = None,
                       process_count: int | None = None,
-                      split: str = 'train') -> grain.DataLoader:
+                      split: str = 'train',
+                      with_generator_input: bool = True) -> grain.DataLoader:
   """Endless, globally shuffled training batches for this process.
 
   ``iter(loader)`` has ``get_state()`` / ``set_state()`` for checkpointing.
@@ -162,8 +179,8 @@ def make_train_loader(prepared_dir, *, global_batch_size: int, seed: int,
       prepared_dir, global_batch_size=global_batch_size, seed=seed,
       split=split, targets=targets, flip=flip, random_crop=random_crop,
       shuffle=True, num_epochs=None, drop_remainder=True,
-      worker_count=worker_count, process_index=process_index,
-      process_count=process_count)
+      with_generator_input=with_generator_input, worker_count=worker_count,
+      process_index=process_index, process_count=process_count)
 
 
 def iterate_split(prepared_dir, split: str = 'test', *,

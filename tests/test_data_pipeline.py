@@ -37,6 +37,11 @@ def test_batches_have_the_documented_layout(prepared):
   for i, t in enumerate(batch['target_index']):
     np.testing.assert_array_equal(batch['target'][i, ..., 0],
                                   batch['images'][i, ..., t])
+  lean = next(iter(data.make_train_loader(
+      prepared, global_batch_size=4, seed=0, process_index=0, process_count=1,
+      with_generator_input=False)))
+  assert 'generator_input' not in lean
+  np.testing.assert_array_equal(lean['target_index'], batch['target_index'])
 
 
 def test_restored_state_replays_batches(prepared):
