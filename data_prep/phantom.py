@@ -157,8 +157,10 @@ def make_subject(rng, shape=(240, 240, 155)):
   gyri = field((14, 14, 10), 0.05)
   gyri += np.float32(0.92 - cortex_depth)
   tissue[radius < gyri] = WM
-  sulci = field((16, 16, 12), 1.0)
-  tissue[(sulci > 1.0) & (radius > 0.8)] = CSF
+  # Sulci: thin CSF sheets along the zero set of a smooth field, cutting
+  # through the cortex from the surface.
+  sulci = np.abs(field((16, 16, 12), 1.0))
+  tissue[(sulci < 0.1) & (radius > 0.84)] = CSF
   del gyri, sulci
   for side in (-1, 1):  # deep grey nuclei
     centre = np.array([side * 0.22, rng.uniform(-0.1, 0.05), 0.0]) * half
@@ -167,8 +169,8 @@ def make_subject(rng, shape=(240, 240, 155)):
     tissue[window][_ellipsoid(sub, centre, axes) < 1] = GM
   ventricle_size = rng.uniform(0.7, 1.4)
   for side in (-1, 1):  # lateral ventricles, bent
-    centre = np.array([side * 0.09, 0.05, 0.12]) * half
-    axes = np.array([0.055, 0.33, 0.12]) * half * ventricle_size
+    centre = np.array([side * 0.09, 0.05, 0.06]) * half
+    axes = np.array([0.055, 0.33, 0.15]) * half * ventricle_size
     window, sub = _local(grid, centre, 1.3 * axes)
     bend = upsample(coarse_noise(rng, (3, 4, 3)) * np.float32(0.15),
                     tuple(w.stop - w.start for w in window))
@@ -194,12 +196,16 @@ def make_subject(rng, shape=(240, 240, 155)):
     modulation = np.exp(upsample(log_gain.astype(np.float32), box_shape))
     signal *= modulation
     sigma = np.float32(0.025 * np.exp(log_gain.mean()) * CONTRAST[modality].mean())
+    # Rician magnitude sqrt((s + n0)^2 + n1^2), computed in place.
     noise = rng.standard_normal((2,) + box_shape, dtype=np.float32)
     noise *= sigma
     noise[0] += signal
-    magnitude = np.sqrt(np.square(noise[0]) + np.square(noise[1]))  # Rician
-    volumes[modality] = _uncrop(
-        np.where(brain, np.maximum(magnitude, 1.0), 0.0), shape, box, 0.0)
+    np.square(noise, out=noise)
+    magnitude = np.add(noise[0], noise[1], out=noise[0])
+    np.sqrt(magnitude, out=magnitude)
+    np.maximum(magnitude, 1.0, out=magnitude)
+    magnitude *= brain
+    volumes[modality] = _uncrop(magnitude, shape, box, 0.0)
   tissue[~brain] = 255
   return {'volumes': volumes, 'tissue': _uncrop(tissue, shape, box, 255),
           'brain': _uncrop(brain, shape, box, False),

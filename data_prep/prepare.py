@@ -126,7 +126,13 @@ def load_subject(case: layouts.Case, header: dict, options: dict) -> dict:
     brain |= volume != 0
     normed, params[modality] = preprocess.normalise_volume(volume, method)
     normalised.append(normed)
-  indices = preprocess.select_slices(brain, options['slices'])
+  try:
+    indices = preprocess.select_slices(brain, options['slices'])
+  except DataError as exc:
+    raise DataError(f'{case.files[case.modalities[0]]}: {exc}') from None
+  if not indices:
+    raise DataError(f'{case.directory}: no slice matches --slices '
+                    f'{options["slices"]}')
   images = np.stack([
       preprocess.volume_to_slices(v, indices, options['geometry'],
                                   options['image_size'], fill)

@@ -173,6 +173,39 @@ def test_bad_subject_fails_cleanly(tmp_path, damage, reason):
   assert report['subjects'] == 2
 
 
+def test_interrupt_leaves_nothing(tmp_path, monkeypatch):
+  src = _brats2020(tmp_path / 'raw', 2)
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(prepare, 'load_subject', interrupted)
+  dst = tmp_path / 'out'
+  with pytest.raises(KeyboardInterrupt):
+    prepare.prepare_dataset(src, dst, **FAST)
+  assert not dst.exists() and not _leftovers(dst)
+
+
+def test_official_slice_needs_depth(tmp_path):
+  src = _brats2020(tmp_path / 'raw', 1)
+  _expect_error(src, tmp_path / 'out', 'BraTS20_Training_001_t1.nii.gz: '
+                'volume depth 8 has no slice 78', slices='official')
+
+
+@pytest.mark.parametrize('kind', ['isles2015', 'modality_first', 'brats2023'])
+def test_prepare_other_layouts(tmp_path, kind):
+  from aegan_jax import data  # pylint: disable=g-import-not-at-top
+  _tree(kind, tmp_path / 'raw')
+  dst = tmp_path / 'out'
+  report = prepare.prepare_dataset(tmp_path / 'raw', dst, split_ratios=(1, 0, 0),
+                                   **FAST)
+  manifest = prepare.load_manifest(dst)
+  expected = layouts.find_cases(tmp_path / 'raw')[0].modalities
+  assert manifest['modalities'] == list(expected)
+  assert report['slices'] == 4 * report['subjects']
+  example = next(data.iterate_split(dst, 'train'))
+  assert example['images'].shape == (16, 16, 4)
+  assert ('seg' in example) == (kind != 'modality_first')
+
+
 def test_empty_and_unknown_folders(tmp_path):
   (tmp_path / 'empty').mkdir()
   _expect_error(tmp_path / 'empty', tmp_path / 'out', 'empty')
