@@ -1,0 +1,228 @@
+"""Building blocks of the AE-GAN networks (Flax Linen, NHWC).
+
+Everything mirrors a PyTorch layer of the official code closely enough that
+its weights load unchanged (see `official.py`): the same padding modes, the
+same transposed-convolution geometry and BatchNorm with PyTorch's running
+statistics (momentum 0.1, unbiased running variance).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Official `init_weights(init_type='normal', init_gain=0.02)`.
+weight_init = nn.initializers.normal(0.02)
+
+
+def scale_init(key, shape, dtype=jnp.float32):
+  """BatchNorm gamma ~ N(1, 0.02), as the official initialiser draws it."""
+  return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def reflect_pad(x, pad):
+  """PyTorch ReflectionPad2d (edge pixel not repeated) on an NHWC tensor."""
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm2d with PyTorch semantics.
+
+  Training normalises with the biased batch variance and folds the *unbiased*
+  variance into the running estimate, like torch.  Under `jax.jit` with the
+  batch sharded over devices the means are global, so statistics come from
+  the whole global batch.  When the collection `batch_moments` is mutable the
+  batch moments are also exposed, so a caller can replay a running-statistics
+  update without running the network again (see `train.py`).
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    features = x.shape[-1]
+    scale = self.param('scale', scale_init, (features,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    if train:
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=(0, 1, 2))
+      var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
+      count = x.size // features
+      unbiased_var = var * (count / max(count - 1, 1))
+      if not self.is_initializing():
+        running_mean.value = ema_update(running_mean.value, mean, self.momentum)
+        running_var.value = ema_update(running_var.value, unbiased_var, self.momentum)
+      if self.is_mutable_collection('batch_moments'):
+        self.put_variable('batch_moments', 'mean', mean)
+        self.put_variable('batch_moments', 'var', unbiased_var)
+    else:
+      mean, var = running_mean.value, running_var.value
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    y = (x.astype(jnp.float32) - mean) * inv + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def ema_update(running, batch_value, momentum):
+  """PyTorch's running-statistics rule: (1 - m) * running + m * batch."""
+  return (1.0 - momentum) * running + momentum * batch_value
+
+
+class InstanceNorm(nn.Module):
+  """InstanceNorm2d(affine=False, track_running_stats=False), the official option."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    del train  # Same computation in both modes.
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).astype(self.dtype)
+
+
+def make_norm(kind: str, name: str | None, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
+  if kind == 'batch':
+    return BatchNorm(dtype=dtype, param_dtype=param_dtype, name=name)
+  if kind == 'instance':
+    return InstanceNorm(dtype=dtype, name=name)
+  raise ValueError(f"model.norm must be 'batch' or 'instance', got {kind!r}")
+
+
+def conv(features, kernel, *, name=None, stride=1, padding='VALID', use_bias=False,
+         dtype=jnp.float32, param_dtype=jnp.float32):
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=padding, use_bias=use_bias, kernel_init=weight_init,
+                 bias_init=nn.initializers.zeros, dtype=dtype,
+                 param_dtype=param_dtype, name=name)
+
+
+class UpConv(nn.Module):
+  """ConvTranspose2d(k=3, s=2, p=1, output_padding=1): exactly doubles H and W.
+
+  The kernel is stored as `[kh, kw, in, out]` holding torch's `[in, out, kh,
+  kw]` weight unchanged in meaning.  A transposed convolution is a plain
+  convolution of the 2x-dilated input with the spatially flipped kernel,
+  padded (k - 1 - p) = 1 before and 1 + output_padding = 2 after.
+  """
+  features: int
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', weight_init, (3, 3, x.shape[-1], self.features),
+                        self.param_dtype)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel[::-1, ::-1].astype(self.dtype),
+        window_strides=(1, 1), padding=((1, 2), (1, 2)), lhs_dilation=(2, 2),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,),
+                         self.param_dtype).astype(self.dtype)
+    return y
+
+
+class ChannelAttention(nn.Module):
+  """Official `IntraModalAttention`: x + x * sigmoid(W2 relu(W1 mean_hw(x))).
+
+  The hidden width is channels // 16.  Below 16 channels it is 0 (the official
+  code then holds empty Linear layers): the excitation is sigmoid(0) = 0.5 and
+  the layer computes 1.5 x, with no parameters.
+  """
+  reduction: int = 16
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    hidden = channels // self.reduction
+    if hidden == 0:
+      return x * 1.5
+    squeezed = jnp.mean(x, axis=(1, 2))
+    dense = lambda n, name: nn.Dense(n, use_bias=False, kernel_init=weight_init,
+                                     dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name=name)
+    weights = nn.sigmoid(dense(channels, 'excite')(nn.relu(dense(hidden, 'squeeze')(squeezed))))
+    return x + x * weights[:, None, None, :]
+
+
+class ResnetBlock(nn.Module):
+  """x + [reflect-pad 1, conv3x3, norm, ReLU, dropout 0.5, reflect-pad 1, conv3x3, norm]."""
+  norm: str = 'batch'
+  use_dropout: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    features = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    use_bias = self.norm == 'instance'  # The official code adds biases only without BatchNorm.
+    h = conv(features, 3, use_bias=use_bias, name='conv_0', **kw)(reflect_pad(x, 1))
+    h = nn.relu(make_norm(self.norm, 'norm_0', **kw)(h, train=train))
+    if self.use_dropout:
+      h = nn.Dropout(0.5, deterministic=not train)(h)
+    h = conv(features, 3, use_bias=use_bias, name='conv_1', **kw)(reflect_pad(h, 1))
+    return x + make_norm(self.norm, 'norm_1', **kw)(h, train=train)
+
+
+class BranchEncoder(nn.Module):
+  """7x7 conv then two stride-2 3x3 convs, each followed by norm and ReLU."""
+  ngf: int = 64
+  norm: str = 'batch'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    use_bias = self.norm == 'instance'
+    h = conv(self.ngf, 7, use_bias=use_bias, name='conv_in', **kw)(reflect_pad(x, 3))
+    h = nn.relu(make_norm(self.norm, 'norm_in', **kw)(h, train=train))
+    for i, features in enumerate((2 * self.ngf, 4 * self.ngf)):
+      h = conv(features, 3, stride=2, padding=((1, 1), (1, 1)), use_bias=use_bias,
+               name=f'down_{i}', **kw)(h)
+      h = nn.relu(make_norm(self.norm, f'norm_down_{i}', **kw)(h, train=train))
+    return h
+
+
+class DecoderStage(nn.Module):
+  """Transposed conv (2x), norm, ReLU and, in the generator, channel attention."""
+  features: int
+  norm: str = 'batch'
+  attention: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = UpConv(self.features, use_bias=self.norm == 'instance', name='up', **kw)(x)
+    h = nn.relu(make_norm(self.norm, 'norm', **kw)(h, train=train))
+    if self.attention:
+      h = ChannelAttention(name='attention', **kw)(h)
+    return h
+
+
+class OutputConv(nn.Module):
+  """Reflect-pad 3, 7x7 conv with bias, tanh."""
+  features: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = conv(self.features, 7, use_bias=True, name='conv', dtype=self.dtype,
+             param_dtype=self.param_dtype)(reflect_pad(x, 3))
+    return jnp.tanh(h.astype(jnp.float32))

@@ -1,0 +1,162 @@
+"""The two AE-GAN networks: the synthesis generator and the autoencoder.
+
+The autoencoder's encoder plus a small head is the discriminator.  Both are
+pure Flax Linen modules over NHWC tensors; `train` switches BatchNorm between
+batch and running statistics and turns dropout on (rng stream 'dropout').
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from aegan_jax import layers
+
+Dtype = Any
+
+
+def check_image_size(height: int, width: int) -> None:
+  if height % 4 or width % 4 or height < 8 or width < 8:
+    raise ValueError(
+        f'image size {height}x{width} is not supported: height and width must be '
+        'multiples of 4 and at least 8 (the encoders downsample twice by 2)')
+
+
+class SynthesisGenerator(nn.Module):
+  """Multi-branch ResNet generator (official `MultiHeadResnetGenerator`).
+
+  Input `[N, H, W, B * (1 + M)]`: B = M - 1 branches, each the image of one
+  input modality followed by the M one-hot target planes
+  (`modalities.assemble_generator_input`).  One encoder per branch, a 1x1
+  fusion conv, ResNet blocks, then two upsampling stages with channel
+  attention.  The branches are separate submodules so that one encoder per
+  modality with masked absent inputs can replace the fixed branch order.
+  """
+  num_modalities: int = 4
+  ngf: int = 64
+  num_blocks: int = 6
+  norm: str = 'batch'
+  use_dropout: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, return_features: bool = False):
+    num_branches = self.num_modalities - 1
+    expected = num_branches * (1 + self.num_modalities)
+    if x.shape[-1] != expected:
+      raise ValueError(f'generator input has {x.shape[-1]} channels, expected {expected} '
+                       f'({num_branches} branches x (image + {self.num_modalities} mask planes))')
+    check_image_size(x.shape[1], x.shape[2])
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    branches = jnp.split(x.astype(self.dtype), num_branches, axis=-1)
+    encoded = [layers.BranchEncoder(self.ngf, self.norm, name=f'encoder_{i}', **kw)(b, train=train)
+               for i, b in enumerate(branches)]
+    h = layers.conv(4 * self.ngf, 1, use_bias=True, name='fuse', **kw)(
+        jnp.concatenate(encoded, axis=-1))
+    h = nn.relu(h)
+    for i in range(self.num_blocks):
+      h = layers.ResnetBlock(self.norm, self.use_dropout, name=f'blocks_{i}', **kw)(h, train=train)
+    feature_0 = layers.DecoderStage(2 * self.ngf, self.norm, attention=True,
+                                    name='decoder_0', **kw)(h, train=train)
+    feature_1 = layers.DecoderStage(self.ngf, self.norm, attention=True,
+                                    name='decoder_1', **kw)(feature_0, train=train)
+    image = layers.OutputConv(1, name='output', **kw)(feature_1)
+    if return_features:
+      return image, (feature_0, feature_1)
+    return image
+
+
+class DiscriminatorHead(nn.Module):
+  """1x1 conv, norm, LeakyReLU 0.2, then patch logits and modality-class logits."""
+  num_classes: int = 4
+  norm: str = 'batch'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, *, train: bool):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    d = layers.conv(h.shape[-1], 1, use_bias=self.norm == 'instance', name='conv', **kw)(h)
+    d = nn.leaky_relu(layers.make_norm(self.norm, 'norm', **kw)(d, train=train), 0.2)
+    patch_logits = layers.conv(1, 4, stride=2, name='patch', **kw)(d)
+    # A kernel spanning the whole map: the official 64x64 conv at 256 px, any size here.
+    class_logits = nn.Conv(self.num_classes, d.shape[1:3], padding='VALID', use_bias=True,
+                           kernel_init=layers.weight_init, name='classes', **kw)(d)
+    return (patch_logits.astype(jnp.float32),
+            class_logits.reshape(d.shape[0], self.num_classes).astype(jnp.float32))
+
+
+class AutoEncoderOutput(NamedTuple):
+  reconstruction: jnp.ndarray  # [N, H, W, 1], tanh
+  patch_logits: jnp.ndarray    # [N, H/8 - 1, W/8 - 1, 1]
+  class_logits: jnp.ndarray    # [N, num_classes]
+  features: tuple              # decoder stage outputs, for the self-representation loss
+
+
+class AutoEncoder(nn.Module):
+  """Official `SrResnetGenerator`: single-branch encoder, ResNet blocks, decoder.
+
+  The discriminator is the encoder plus a head: 1x1 conv, norm, LeakyReLU 0.2,
+  then patch logits (4x4 stride-2 conv, no padding) and modality-class logits
+  (a conv whose kernel spans the whole H/4 x W/4 map).  The decoder reads the
+  encoder output, not the head.
+  """
+  num_classes: int = 4
+  ngf: int = 64
+  num_blocks: int = 6
+  norm: str = 'batch'
+  use_dropout: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.encoder = layers.BranchEncoder(self.ngf, self.norm, **kw)
+    self.blocks = [layers.ResnetBlock(self.norm, self.use_dropout, **kw)
+                   for i in range(self.num_blocks)]
+    self.head = DiscriminatorHead(self.num_classes, self.norm, **kw)
+    self.decoder_0 = layers.DecoderStage(2 * self.ngf, self.norm, **kw)
+    self.decoder_1 = layers.DecoderStage(self.ngf, self.norm, **kw)
+    self.output = layers.OutputConv(1, **kw)
+
+  def encode(self, x, *, train: bool):
+    check_image_size(x.shape[1], x.shape[2])
+    h = self.encoder(x.astype(self.dtype), train=train)
+    for block in self.blocks:
+      h = block(h, train=train)
+    return h
+
+  def decode(self, h, *, train: bool):
+    feature_0 = self.decoder_0(h, train=train)
+    feature_1 = self.decoder_1(feature_0, train=train)
+    return self.output(feature_1), (feature_0, feature_1)
+
+  def discriminate(self, h, *, train: bool):
+    return self.head(h, train=train)
+
+  def __call__(self, x, *, train: bool) -> AutoEncoderOutput:
+    h = self.encode(x, train=train)
+    patch_logits, class_logits = self.discriminate(h, train=train)
+    reconstruction, features = self.decode(h, train=train)
+    return AutoEncoderOutput(reconstruction, patch_logits, class_logits, features)
+
+  def patch_logits(self, x, *, train: bool):
+    """Discriminator only: the decoder is skipped."""
+    return self.discriminate(self.encode(x, train=train), train=train)[0]
+
+  def features(self, x, *, train: bool):
+    """Decoder features only (official `get_features`): the head is skipped."""
+    return self.decode(self.encode(x, train=train), train=train)[1]
+
+
+def build_networks(model_config, num_modalities: int):
+  """Both networks from a `config.model` block."""
+  dtype = jnp.dtype(model_config.get('dtype', 'float32'))
+  param_dtype = jnp.dtype(model_config.get('param_dtype', 'float32'))
+  common = dict(ngf=model_config.ngf, num_blocks=model_config.num_blocks,
+                norm=model_config.norm, use_dropout=model_config.use_dropout,
+                dtype=dtype, param_dtype=param_dtype)
+  return (SynthesisGenerator(num_modalities=num_modalities, **common),
+          AutoEncoder(num_classes=num_modalities, **common))

@@ -1,0 +1,231 @@
+"""AE-GAN training state and the pure, jit-compiled training iteration.
+
+One iteration follows the official `optimize_parameters`:
+  1. the generator G synthesises y_hat from the other modalities (train mode);
+  2. the autoencoder/discriminator (AE) takes one Adam step on the AE loss;
+  3. G takes one Adam step on the G loss, judged by the *updated* AE.
+
+The one intended difference from the official code: it runs the AE on the
+real image twice in step 2 (once for the reconstruction y', once for the
+real logits).  Here one pass serves both, so only the dropout mask of that
+second pass differs; its BatchNorm running-statistics update is replayed
+from the shared pass, keeping the official update order.  G runs forward
+once and its backward pass is pulled back through a saved VJP.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from aegan_jax import layers
+from aegan_jax import losses
+from aegan_jax import models
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class NetworkState:
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; optimizers and modules live in `Trainer`."""
+  step: jax.Array          # int32 scalar: iterations done
+  generator: NetworkState
+  autoencoder: NetworkState
+  sr_weight: jax.Array     # current self-representation weight (decays, official)
+  rng: jax.Array           # base PRNG key; iteration k draws from fold_in(rng, k)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  gan_mode: str = 'vanilla'
+  lambda_l1: float = 100.0       # generator L1 weight (brats.yaml)
+  ae_lambda_l1: float = 100.0    # AE reconstruction L1 weight (auto_encoder.yaml)
+  sr_decay_factor: float = 0.05  # official: sr_weight *= 0.05 ...
+  sr_decay_every: int = 5000     # ... every 5000 iterations; 0 disables the decay
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Static parts of training: the two networks, their optimizers, loss weights."""
+  generator: models.SynthesisGenerator
+  autoencoder: models.AutoEncoder
+  generator_tx: optax.GradientTransformation
+  autoencoder_tx: optax.GradientTransformation
+  weights: LossWeights
+  learning_rate: Any  # float or optax schedule, for logging
+
+
+def learning_rate_schedule(base_lr, constant_steps, decay_steps):
+  """Official 'linear' policy: constant, then linear decay to 0 over `decay_steps`."""
+  if decay_steps <= 0:
+    return optax.constant_schedule(base_lr)
+  return optax.join_schedules(
+      [optax.constant_schedule(base_lr),
+       optax.linear_schedule(base_lr, 0.0, decay_steps)], [constant_steps])
+
+
+def make_trainer(config, num_modalities: int) -> Trainer:
+  generator, autoencoder = models.build_networks(config.model, num_modalities)
+  lr = learning_rate_schedule(config.optim.learning_rate, config.optim.lr_constant_steps,
+                              config.optim.lr_decay_steps)
+  make_tx = lambda: optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2, eps=1e-8)
+  weights = LossWeights(gan_mode=config.loss.gan_mode, lambda_l1=config.loss.lambda_l1,
+                        ae_lambda_l1=config.loss.ae_lambda_l1,
+                        sr_decay_factor=config.loss.sr_decay_factor,
+                        sr_decay_every=config.loss.sr_decay_every)
+  return Trainer(generator, autoencoder, make_tx(), make_tx(), weights, lr)
+
+
+def init_state(trainer: Trainer, rng, image_size: int, sr_weight: float) -> TrainState:
+  """Fresh state (official init: N(0, 0.02) weights, BN gamma ~ N(1, 0.02))."""
+  g_rng, ae_rng, train_rng = jax.random.split(rng, 3)
+  channels = trainer.generator.num_modalities - 1
+  g_input = jnp.zeros((1, image_size, image_size, channels * (trainer.generator.num_modalities + 1)))
+  ae_input = jnp.zeros((1, image_size, image_size, 1))
+  g_vars = trainer.generator.init({'params': g_rng}, g_input, train=False)
+  ae_vars = trainer.autoencoder.init({'params': ae_rng}, ae_input, train=False)
+
+  def network_state(variables, tx):
+    return NetworkState(variables['params'], variables.get('batch_stats', {}),
+                        tx.init(variables['params']))
+
+  return TrainState(step=jnp.zeros((), jnp.int32),
+                    generator=network_state(g_vars, trainer.generator_tx),
+                    autoencoder=network_state(ae_vars, trainer.autoencoder_tx),
+                    sr_weight=jnp.asarray(sr_weight, jnp.float32),
+                    rng=train_rng)
+
+
+def _replay_batch_stats(batch_stats, moments):
+  """Applies a pass's recorded BatchNorm moments as a running-statistics update.
+
+  Lets a pass whose outputs were computed earlier update the running
+  statistics in the official order.  Layers the pass skipped keep their value.
+  """
+  def replay(path, running):
+    node = moments
+    for key in path:
+      if key.key not in node:
+        return running
+      node = node[key.key]
+    return layers.ema_update(running, node, 0.1)
+  return jax.tree_util.tree_map_with_path(replay, batch_stats)
+
+
+def _autoencoder_update(trainer, ae: NetworkState, target, synthesized, rng):
+  """One Adam step on the AE loss; returns (new AE state, loss terms)."""
+  real_rng, synth_rng, recon_rng = jax.random.split(rng, 3)
+  apply = trainer.autoencoder.apply
+
+  def loss_fn(params):
+    out, state = apply({'params': params, 'batch_stats': ae.batch_stats}, target, train=True,
+                       rngs={'dropout': real_rng}, mutable=['batch_stats', 'batch_moments'])
+    reconstruction = jax.lax.stop_gradient(out.reconstruction)
+    synth_logits, s2 = apply({'params': params, 'batch_stats': state['batch_stats']},
+                             synthesized, train=True, method='patch_logits',
+                             rngs={'dropout': synth_rng}, mutable=['batch_stats'])
+    recon_logits, s3 = apply({'params': params, 'batch_stats': s2['batch_stats']},
+                             reconstruction, train=True, method='patch_logits',
+                             rngs={'dropout': recon_rng}, mutable=['batch_stats'])
+    batch_stats = _replay_batch_stats(s3['batch_stats'], state['batch_moments'])
+    loss, terms = losses.autoencoder_loss(out.patch_logits, synth_logits, recon_logits,
+                                          out.reconstruction, target,
+                                          l1_weight=trainer.weights.ae_lambda_l1,
+                                          gan_mode=trainer.weights.gan_mode)
+    return loss, (terms, batch_stats)
+
+  grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(ae.params)
+  updates, opt_state = trainer.autoencoder_tx.update(grads, ae.opt_state, ae.params)
+  return NetworkState(optax.apply_updates(ae.params, updates), batch_stats, opt_state), terms
+
+
+def _generator_loss_grads(trainer, ae: NetworkState, synthesized, features, target,
+                          sr_weight, rng):
+  """d loss_G / d (y_hat, features) through the frozen, updated AE (train mode)."""
+  synth_rng, feature_rng = jax.random.split(rng)
+  apply = trainer.autoencoder.apply
+  # Train-mode BN normalises with batch statistics, so the features do not depend on the
+  # running statistics; only their update must come after the patch pass (official order).
+  ae_features, feature_pass = apply(ae.variables(), target, train=True, method='features',
+                                    rngs={'dropout': feature_rng},
+                                    mutable=['batch_stats', 'batch_moments'])
+
+  def loss_fn(synth, feats):
+    # Official order: AE(y_hat) first, then get_features(y); BN updates follow it.
+    logits, s0 = apply(ae.variables(), synth, train=True, method='patch_logits',
+                       rngs={'dropout': synth_rng}, mutable=['batch_stats'])
+    loss, terms = losses.generator_loss(logits, synth, target, feats, ae_features,
+                                        sr_weight=sr_weight,
+                                        l1_weight=trainer.weights.lambda_l1,
+                                        gan_mode=trainer.weights.gan_mode)
+    return loss, (terms, s0['batch_stats'])
+
+  grads, (terms, patch_pass_stats) = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      synthesized, features)
+  batch_stats = _replay_batch_stats(patch_pass_stats, feature_pass['batch_moments'])
+  return grads, terms, batch_stats
+
+
+def train_step(state: TrainState, batch, *, trainer: Trainer):
+  """One AE-GAN iteration.  batch: generator_input [N,H,W,C], target [N,H,W,1]."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  g_rng, ae_rng, g_loss_rng = jax.random.split(rng, 3)
+  target = batch['target']
+  g = state.generator
+
+  def generator_forward(params):
+    (synth, feats), new_state = trainer.generator.apply(
+        {'params': params, 'batch_stats': g.batch_stats}, batch['generator_input'], train=True,
+        return_features=True, rngs={'dropout': g_rng}, mutable=['batch_stats'])
+    return (synth, feats), new_state['batch_stats']
+
+  (synth, feats), generator_pullback, g_batch_stats = jax.vjp(
+      generator_forward, g.params, has_aux=True)
+
+  autoencoder, d_terms = _autoencoder_update(trainer, state.autoencoder, target,
+                                             jax.lax.stop_gradient(synth), ae_rng)
+  output_grads, g_terms, ae_batch_stats = _generator_loss_grads(
+      trainer, autoencoder, synth, feats, target, state.sr_weight, g_loss_rng)
+  (g_grads,) = generator_pullback(output_grads)
+  updates, g_opt_state = trainer.generator_tx.update(g_grads, g.opt_state, g.params)
+  generator = NetworkState(optax.apply_updates(g.params, updates), g_batch_stats, g_opt_state)
+
+  step = state.step + 1
+  metrics = {**d_terms, **g_terms, 'sr_weight': state.sr_weight,
+             'learning_rate': _learning_rate(trainer, state.step)}
+  return TrainState(step=step, generator=generator,
+                    autoencoder=autoencoder.replace(batch_stats=ae_batch_stats),
+                    sr_weight=_decayed_sr_weight(trainer.weights, state.sr_weight, step),
+                    rng=state.rng), metrics
+
+
+def _decayed_sr_weight(weights: LossWeights, sr_weight, step):
+  if weights.sr_decay_every <= 0:
+    return sr_weight
+  decay = (step % weights.sr_decay_every) == 0
+  return jnp.where(decay, sr_weight * weights.sr_decay_factor, sr_weight)
+
+
+def _learning_rate(trainer, step):
+  lr = trainer.learning_rate
+  return jnp.asarray(lr(step) if callable(lr) else lr, jnp.float32)
+
+
+def synthesize(generator: nn.Module, variables, generator_input):
+  """Test-time synthesis: eval mode (running BN statistics, no dropout)."""
+  return generator.apply(variables, generator_input, train=False)

@@ -1,0 +1,57 @@
+"""Parity with the official PyTorch code through its exported weights and outputs."""
+import numpy as np
+import pytest
+
+from aegan_jax import official
+
+
+def test_fixture_parity_every_key_within_tolerance(parity_fixture_path):
+  rows = official.check(parity_fixture_path)
+  failed = [(key, rel) for key, _, rel, ok in rows if not ok]
+  assert not failed, failed
+  keys = {row[0] for row in rows}
+  # The check must cover outputs, features, losses, train-mode BN and gradients.
+  for key in ('G_out', 'AE_out', 'AE_patch_logits', 'AE_cls_logits', 'G_decoder_feat_0_crop16',
+              'AE_feat_1_sum', 'loss_G_SR', 'loss_D', 'trainbn_loss_G', 'trainbn_AE_cls_logits',
+              'gradnorm_lossG/G/decoder_final.1.weight'):
+    assert key in keys
+  assert len(rows) > 200
+
+
+def test_check_fails_on_a_perturbed_fixture(parity_fixture_path, tmp_path):
+  data = dict(np.load(parity_fixture_path))
+  data['G_out'] = data['G_out'] + 1e-3
+  data['loss_G_SR'] = data['loss_G_SR'] * 1.01
+  bad = tmp_path / 'bad.npz'
+  np.savez(bad, **data)
+  rows = {row[0]: row for row in official.check(bad)}
+  assert not rows['G_out'][3] and not rows['loss_G_SR'][3]
+  assert rows['AE_out'][3]
+
+
+def test_cli_exit_codes(parity_fixture_path, tmp_path, capsys):
+  assert official.main(['check', str(parity_fixture_path)]) == 0
+  assert 'keys within tolerance' in capsys.readouterr().out
+  missing = tmp_path / 'nope.npz'
+  assert official.main(['check', str(missing)]) == 2
+  assert 'nope.npz: no such file' in capsys.readouterr().err
+
+
+def test_weight_import_reads_architecture_and_layouts(parity_fixture_path):
+  tensors = official.read_state_dict(parity_fixture_path, 'G/')
+  generator, variables = official.load_generator(tensors)
+  assert (generator.num_modalities, generator.ngf, generator.num_blocks) == (4, 8, 6)
+  kernel = variables['params']['encoder_0']['conv_in']['kernel']
+  np.testing.assert_array_equal(kernel[1, 2, 3, 4], tensors['encoder_0_0.1.weight'][4, 3, 1, 2])
+  up = variables['params']['decoder_0']['up']['kernel']
+  np.testing.assert_array_equal(up[0, 2, 5, 1], tensors['decoder_0.0.weight'][5, 1, 0, 2])
+  assert 'attention' not in variables['params']['decoder_1']  # zero-width at 8 channels
+
+
+def test_unexpected_state_dict_is_a_clear_error(parity_fixture_path):
+  tensors = official.read_state_dict(parity_fixture_path, 'G/')
+  tensors['extra.weight'] = np.zeros(3, np.float32)
+  with pytest.raises(official.ImportError_, match='unexpected tensors'):
+    official.load_generator(tensors)
+  with pytest.raises(official.ImportError_, match='not an official AE-GAN autoencoder'):
+    official.load_autoencoder(tensors)
