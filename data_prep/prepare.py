@@ -495,9 +495,14 @@ def prepare_dataset(src, dst, *, dataset='auto', normalise='max',
     plan.close()
     manifest = _manifest(plan, content_hash)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if dst.exists():
-      shutil.rmtree(dst)
-    os.replace(staging, dst)
+    if dst.exists():  # --overwrite: swap in, then drop the old copy
+      retired = pathlib.Path(tempfile.mkdtemp(prefix=f'.{dst.name}.old-',
+                                              dir=dst.parent))
+      os.replace(dst, retired / dst.name)
+      os.replace(staging, dst)
+      shutil.rmtree(retired, ignore_errors=True)
+    else:
+      os.replace(staging, dst)
   except BaseException:
     plan.close()
     shutil.rmtree(staging, ignore_errors=True)

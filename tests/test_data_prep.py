@@ -116,6 +116,17 @@ def test_file_names_follow_layout(tmp_path):
   assert layouts.find_cases(tmp_path / 'c')[0].filename_for('t2') == 'case_a.nii.gz'
 
 
+def test_modality_first_with_modality_in_file_names(tmp_path):
+  for modality in ('flair', 't1', 't1ce', 't2', 'seg'):
+    for subject in ('BraTS20_Training_001', 'BraTS20_Training_002'):
+      _write(tmp_path / modality / f'{subject}_{modality}.nii.gz')
+  cases = layouts.find_cases(tmp_path)
+  assert [c.subject_id for c in cases] == ['BraTS20_Training_001',
+                                           'BraTS20_Training_002']
+  assert all(len(c.files) == 4 and c.seg is not None for c in cases)
+  assert cases[0].filename_for('t1ce') == 'BraTS20_Training_001_t1ce.nii.gz'
+
+
 def _leftovers(dst):
   return [p.name for p in dst.parent.iterdir() if p.name.startswith(f'.{dst.name}')]
 
@@ -289,6 +300,7 @@ def test_split_sources_and_rerun(tmp_path):
   report = prepare.prepare_dataset(None, dst, overwrite=True,
                                    **{**kwargs, 'normalise': 'zscore'})
   assert prepare.load_manifest(dst)['options']['normalise'] == 'zscore'
+  assert not _leftovers(dst)
 
 
 def _cli(*args):
