@@ -213,3 +213,9 @@ def iterate_split(prepared_dir, split: str = 'test', *,
     if bool(record['has_seg']):
       example['seg'] = np.asarray(record['seg'], np.uint8)
     yield example
+
+
+def prepared_dir_for(config, workdir) -> str:
+  """`config.data.prepared_dir`, or `<workdir>/prepared` when it is empty."""
+  import os  # pylint: disable=g-import-not-at-top
+  return config.data.prepared_dir or os.path.join(str(workdir), 'prepared')

@@ -1,0 +1,183 @@
+"""Orbax checkpoints of AE-GAN training, in `<workdir>/checkpoints`.
+
+Each step is saved as separate items, so evaluation and synthesis restore the
+generator alone, and the official-weights import can write one without any
+training state:
+
+  generator         {'params', 'batch_stats'} of the synthesis network
+  autoencoder       {'params', 'batch_stats'} of the AE/discriminator
+  optimizer         {'generator', 'autoencoder'} Adam states
+  progress          {'step', 'sr_weight', 'rng'}
+  data              the Grain iterator state (one file per process)
+  meta              JSON: the resolved config and the architecture it fixes
+
+Every restore uses an abstract target (shapes, dtypes and shardings), so a
+checkpoint restores onto any device count.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from aegan_jax import train
+
+# Config fields a checkpoint cannot change: they fix the parameter shapes or the data.
+ARCHITECTURE_FIELDS = ('model.ngf', 'model.num_blocks', 'model.norm', 'model.use_dropout',
+                       'data.image_size', 'data.modalities')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit the config (one-line message)."""
+
+
+def checkpoint_dir(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir).resolve() / 'checkpoints'
+
+
+def make_manager(workdir, *, max_to_keep: int | None = None, read_only: bool = False):
+  import grain  # pylint: disable=g-import-not-at-top
+  # read_only here only means "do not create the folder": orbax's own read-only mode logs
+  # warnings on every use.
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only)
+  handlers = {'generator': ocp.StandardCheckpointHandler(),
+              'autoencoder': ocp.StandardCheckpointHandler(),
+              'optimizer': ocp.StandardCheckpointHandler(),
+              'progress': ocp.StandardCheckpointHandler(),
+              'data': grain.checkpoint.CheckpointHandler(),
+              'meta': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
+
+
+def config_fields(config, fields=ARCHITECTURE_FIELDS) -> dict[str, Any]:
+  values = {}
+  for field in fields:
+    group, name = field.split('.')
+    value = config[group][name]
+    values[field] = list(value) if isinstance(value, tuple) else value
+  return values
+
+
+def meta_for(config) -> dict:
+  return {'architecture': config_fields(config), 'config': json.loads(config.to_json_best_effort())}
+
+
+def save(manager, state: train.TrainState, config, data_iterator=None, *, force=False) -> bool:
+  """Saves asynchronously; call `manager.wait_until_finished()` before exiting."""
+  step = int(jax.device_get(state.step))
+  items = {
+      'generator': ocp.args.StandardSave(state.generator.variables()),
+      'autoencoder': ocp.args.StandardSave(state.autoencoder.variables()),
+      'optimizer': ocp.args.StandardSave({'generator': state.generator.opt_state,
+                                          'autoencoder': state.autoencoder.opt_state}),
+      'progress': ocp.args.StandardSave({'step': state.step, 'sr_weight': state.sr_weight,
+                                         'rng': state.rng}),
+      'meta': ocp.args.JsonSave(meta_for(config)),
+  }
+  if data_iterator is not None:
+    import grain  # pylint: disable=g-import-not-at-top
+    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def read_meta(manager, step: int) -> dict:
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+
+def check_compatible(meta: dict, config, where) -> None:
+  """Raises CheckpointError naming the first config field that differs."""
+  stored = meta.get('architecture', {})
+  for field, value in config_fields(config).items():
+    if field in stored and stored[field] != value:
+      raise CheckpointError(
+          f'{where} was trained with {field}={stored[field]!r} but the config has {value!r}; '
+          f'use a new --workdir or set --config.{field} to match')
+
+
+def _abstract(tree, sharding=None):
+  def leaf(x):
+    kw = {'sharding': sharding} if sharding is not None else {}
+    if hasattr(x, 'sharding') and sharding is None:
+      kw = {'sharding': x.sharding}
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, **kw)
+  return jax.tree.map(leaf, tree)
+
+
+def restore_train_state(manager, step: int, template: train.TrainState,
+                        data_iterator=None) -> train.TrainState:
+  """Restores everything onto `template`'s shapes and shardings (an abstract target)."""
+  items = {
+      'generator': ocp.args.StandardRestore(_abstract(template.generator.variables())),
+      'autoencoder': ocp.args.StandardRestore(_abstract(template.autoencoder.variables())),
+      'optimizer': ocp.args.StandardRestore(_abstract(
+          {'generator': template.generator.opt_state,
+           'autoencoder': template.autoencoder.opt_state})),
+      'progress': ocp.args.StandardRestore(_abstract(
+          {'step': template.step, 'sr_weight': template.sr_weight, 'rng': template.rng})),
+  }
+  if data_iterator is not None:
+    import grain  # pylint: disable=g-import-not-at-top
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  network = lambda name, opt: train.NetworkState(restored[name]['params'],
+                                                 restored[name]['batch_stats'],
+                                                 restored['optimizer'][opt])
+  progress = restored['progress']
+  return train.TrainState(step=progress['step'],
+                          generator=network('generator', 'generator'),
+                          autoencoder=network('autoencoder', 'autoencoder'),
+                          sr_weight=progress['sr_weight'], rng=progress['rng'])
+
+
+def restore_generator(workdir, abstract_variables, step: int | None = None):
+  """(step, generator variables, meta) from `workdir`: the latest step unless given."""
+  if not checkpoint_dir(workdir).is_dir():
+    raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoints (train first, or import '
+                          'official weights with python -m aegan_jax.official import)')
+  manager = make_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoints')
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoint at step {step} '
+                          f'(have {sorted(steps)})')
+  restored = manager.restore(step, args=ocp.args.Composite(
+      generator=ocp.args.StandardRestore(_abstract(abstract_variables)),
+      meta=ocp.args.JsonRestore()))
+  manager.close()
+  return step, restored['generator'], restored['meta']
+
+
+def read_checkpoint_config(workdir, step: int | None = None):
+  """(step, ConfigDict) stored with a checkpoint; evaluation needs no config file."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if not checkpoint_dir(workdir).is_dir():
+    raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoints (train first, or import '
+                          'official weights with python -m aegan_jax.official import)')
+  manager = make_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  if not steps or (step is not None and step not in steps):
+    raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoint'
+                          + (f' at step {step} (have {sorted(steps)})' if step is not None else ''))
+  step = max(steps) if step is None else step
+  meta = read_meta(manager, step)
+  manager.close()
+  return step, ml_collections.ConfigDict(meta['config'])
+
+
+def save_networks(workdir, step: int, config, generator_variables, autoencoder_variables=None):
+  """Writes network weights alone (no optimizer or data state), e.g. imported official
+  weights; evaluation and synthesis restore such a checkpoint like any other."""
+  manager = make_manager(workdir)
+  items = {'generator': ocp.args.StandardSave(generator_variables),
+           'meta': ocp.args.JsonSave(meta_for(config))}
+  if autoencoder_variables is not None:
+    items['autoencoder'] = ocp.args.StandardSave(autoencoder_variables)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+  manager.wait_until_finished()
+  manager.close()

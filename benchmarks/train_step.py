@@ -1,0 +1,101 @@
+r"""Times one AE-GAN training iteration (both networks, both optimizers).
+
+  python benchmarks/train_step.py --size 256 --batch 1 --ngf 64 --steps 5 [--json out.json]
+
+Prints compile time, median seconds per iteration (min-max), slices/s, FLOPs per
+iteration from XLA's cost analysis, GFLOP/s and peak RSS.  Reference on the
+2-core development CPU: the official PyTorch code takes a median 8.44 s per
+iteration at 256x256, batch 1, ngf 64 (1.245 TFLOP, 147 GFLOP/s).
+"""
+import argparse
+import functools
+import json
+import pathlib
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from aegan_jax import train  # noqa: E402
+from aegan_jax.modalities import assemble_generator_input  # noqa: E402
+from configs import brats  # noqa: E402
+
+OFFICIAL_CPU_S_PER_ITER = 8.44  # 256 px, batch 1, ngf 64, torch 2.13, 2 threads (shared/README)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--size', type=int, default=256)
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--ngf', type=int, default=64)
+  parser.add_argument('--steps', type=int, default=5, help='timed iterations after compiling')
+  parser.add_argument('--dtype', default='float32', help='compute dtype (float32 | bfloat16)')
+  parser.add_argument('--json', type=pathlib.Path, help='also write the figures here')
+  return parser.parse_args(argv)
+
+
+def make_batch(size, batch):
+  rng = np.random.default_rng(0)
+  images = np.tanh(rng.normal(size=(batch, size, size, 4))).astype(np.float32)
+  targets = np.arange(batch) % 4
+  return {'generator_input': assemble_generator_input(images, targets),
+          'target': np.take_along_axis(images, targets[:, None, None, None], axis=-1)}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  config = brats.get_config()
+  config.model.ngf = args.ngf
+  config.model.dtype = args.dtype
+  trainer = train.make_trainer(config, 4)
+  state = train.init_state(trainer, jax.random.PRNGKey(0), args.size, config.loss.sr_weight)
+  batch = jax.device_put(make_batch(args.size, args.batch))
+  step = jax.jit(functools.partial(train.train_step, trainer=trainer), donate_argnums=0)
+
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  results = {
+      'device': str(jax.devices()[0].device_kind), 'num_devices': jax.device_count(),
+      'size': args.size, 'batch': args.batch, 'ngf': args.ngf, 'dtype': args.dtype,
+      'compile_s': compile_s, 'median_s_per_iter': median, 'min_s_per_iter': min(times),
+      'max_s_per_iter': max(times), 'slices_per_s': args.batch / median,
+      'flops_per_iter': flops, 'gflops_per_s': flops / median / 1e9,
+      'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  }
+  print(f"device            {results['device']} x{results['num_devices']}")
+  print(f"config            {args.size}x{args.size}, batch {args.batch}, ngf {args.ngf}, {args.dtype}")
+  print(f"compile           {compile_s:.1f} s")
+  print(f"s/iteration       median {median:.3f} (min {min(times):.3f}, max {max(times):.3f}) "
+        f"over {args.steps}")
+  print(f"slices/s          {results['slices_per_s']:.2f}")
+  print(f"FLOPs/iteration   {flops / 1e12:.3f} TFLOP (XLA cost analysis)")
+  print(f"throughput        {results['gflops_per_s']:.1f} GFLOP/s")
+  print(f"peak RSS          {results['peak_rss_mb']:.0f} MB")
+  if (args.size, args.batch, args.ngf) == (256, 1, 64):
+    print(f"vs official CPU   {OFFICIAL_CPU_S_PER_ITER / median:.2f}x "
+          f"(official PyTorch: {OFFICIAL_CPU_S_PER_ITER} s/iteration on the 2-core dev CPU)")
+  if args.json:
+    args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+  main()
