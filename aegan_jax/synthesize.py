@@ -1,0 +1,397 @@
+r"""Synthesises missing MRI modalities with a trained (or imported) generator.
+
+  python -m aegan_jax.synthesize --workdir DIR [--step N] --input CASE_OR_PARENT \
+      --output OUT [--target MOD | --all-targets] [--naming case|brasyn] [--batch-size B]
+
+Each case (any layout `data_prep.layouts.find_cases` knows) must miss exactly
+one modality, found automatically, unless `--target` names it or
+`--all-targets` synthesises every modality of complete cases from the other
+ones.  Every axial slice is preprocessed as in training (the checkpoint's
+stored config: normalisation, geometry, image size), synthesised in batches on
+all devices, and put back on the input grid:
+
+  * intensities: the missing modality has no scale of its own (its maximum or
+    percentiles are unknown), so the tanh output y in [-1, 1] is written as
+    (y + 1) / 2 * 1000 (`--intensity-scale`), arbitrary units in [0, 1000];
+  * zero outside the brain mask (voxels non-zero in any input modality);
+  * affine and header copied from an input modality, data type float32.
+
+Output: `OUT/<case>/<name in the case's convention>` (`--naming case`) or the
+flat BraSyn form `OUT/<case>-<t1n|t1c|t2w|t2f>.nii.gz` (`--naming brasyn`).
+Files are written to a temporary name and renamed, so none is half written.
+Problems print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+INTENSITY_SCALE = 1000.0
+BRASYN_TOKENS = {'t1': 't1n', 't1ce': 't1c', 't2': 't2w', 'flair': 't2f'}
+DEFAULT_BATCH_SIZE = 16
+
+
+class SynthesisError(ValueError):
+  """A bad input or request (one-line message)."""
+
+
+# --------------------------------------------------------------------------
+# The generator, restored onto all devices.
+
+
+def make_mesh():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+
+
+def abstract_generator_variables(generator, image_size, num_modalities, sharding=None):
+  """Shapes and dtypes of the generator's variables (nothing is allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from aegan_jax import modalities  # pylint: disable=g-import-not-at-top
+  channels = modalities.generator_input_channels(num_modalities)
+  shapes = jax.eval_shape(lambda: generator.init(
+      {'params': jax.random.PRNGKey(0)},
+      jnp.zeros((1, image_size, image_size, channels)), train=False))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      shapes)
+
+
+class Synthesizer:
+  """A generator in eval mode, jit-compiled, replicated, batch sharded on 'data'.
+
+  Every call runs fixed-size batches (`batch_size`, a multiple of the device
+  count; the last one zero padded), so it compiles once.
+  """
+
+  def __init__(self, generator, variables, config, *, step=None, batch_size=DEFAULT_BATCH_SIZE,
+               mesh=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    self.generator, self.config, self.step = generator, config, step
+    self.mesh = mesh or make_mesh()
+    devices = self.mesh.devices.size
+    self.batch_size = -(-max(batch_size, 1) // devices) * devices
+    self._replicated = NamedSharding(self.mesh, P())
+    self._batch = NamedSharding(self.mesh, P('data'))
+    self.variables = jax.device_put(variables, self._replicated)
+    self._apply = jax.jit(self._forward, in_shardings=(self._replicated, self._batch, self._batch),
+                          out_shardings=self._batch)
+
+  @classmethod
+  def restore(cls, workdir, *, step=None, config=None, batch_size=DEFAULT_BATCH_SIZE):
+    """The generator of `workdir`'s checkpoint (latest unless `step`), on all devices.
+
+    Without `config`, the one stored in the checkpoint is used.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    from aegan_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
+    if config is None:
+      _, config = checkpoints.read_checkpoint_config(workdir, step)
+    num_modalities = len(config.data.modalities)
+    generator, _ = models.build_networks(config.model, num_modalities)
+    mesh = make_mesh()
+    abstract = abstract_generator_variables(generator, config.data.image_size, num_modalities,
+                                            NamedSharding(mesh, P()))
+    step, variables, meta = checkpoints.restore_generator(workdir, abstract, step)
+    checkpoints.check_compatible(meta, config, f'{workdir} step {step}')
+    return cls(generator, variables, config, step=step, batch_size=batch_size, mesh=mesh)
+
+  def _forward(self, variables, images, target_index):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from aegan_jax import modalities  # pylint: disable=g-import-not-at-top
+    x = modalities.assemble_generator_input(images, target_index, xp=jnp)
+    return self.generator.apply(variables, x, train=False)[..., 0].astype(jnp.float32)
+
+  def _put(self, array):
+    import jax  # pylint: disable=g-import-not-at-top
+    # Works on one or many processes, as long as every process passes the same array.
+    return jax.make_array_from_callback(array.shape, self._batch, lambda index: array[index])
+
+  def _get(self, array):
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+  def __call__(self, images, target_index) -> np.ndarray:
+    """images [N, H, W, M] normalised (target channel ignored), target_index int or [N].
+
+    Returns the synthesised target slices [N, H, W], float32 in [-1, 1].
+    """
+    images = np.asarray(images, np.float32)
+    targets = np.broadcast_to(np.asarray(target_index, np.int32), images.shape[:1])
+    outputs = []
+    for start in range(0, len(images), self.batch_size):
+      chunk, chunk_targets = images[start:start + self.batch_size], targets[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        chunk_targets = np.concatenate([chunk_targets, np.zeros(pad, np.int32)])
+      out = self._get(self._apply(self.variables, self._put(chunk), self._put(chunk_targets)))
+      outputs.append(out[:len(out) - pad])
+    if not outputs:
+      return np.zeros((0,) + images.shape[1:3], np.float32)
+    return np.concatenate(outputs)
+
+
+# --------------------------------------------------------------------------
+# Cases: what to synthesise, reading, pre- and postprocessing.
+
+
+def choose_targets(case, modalities, *, target=None, all_targets=False) -> list[str]:
+  """The modalities to synthesise for `case`; raises SynthesisError if impossible."""
+  missing = [m for m in modalities if m not in case.files]
+  where = case.directory if case.layout != 'modality_first' else case.subject_id
+  if all_targets:
+    if missing:
+      raise SynthesisError(f'{where}: --all-targets needs complete cases, but {missing} '
+                           'is missing')
+    return list(modalities)
+  if target is not None:
+    if target not in modalities:
+      raise SynthesisError(f'--target {target!r} is not one of {list(modalities)}')
+    others = [m for m in missing if m != target]
+    if others:
+      raise SynthesisError(f'{where}: missing {others} besides the target {target}; '
+                           'every other modality is needed')
+    return [target]
+  if not missing:
+    raise SynthesisError(f'{where}: nothing is missing (all of {list(modalities)} present); '
+                         'pass --target MOD or --all-targets')
+  if len(missing) > 1:
+    raise SynthesisError(f'{where}: {len(missing)} modalities are missing ({missing}); '
+                         'AE-GAN synthesises one from the others')
+  return missing
+
+
+def _load_image(path):
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  try:
+    image = nib.load(path)
+    shape = tuple(int(s) for s in image.shape)
+  except Exception as e:  # nibabel raises many types for corrupt files.
+    raise SynthesisError(f'{path}: not a readable NIfTI file ({type(e).__name__}: {e})') from None
+  if len(shape) == 4 and shape[3] == 1:
+    shape = shape[:3]
+  if len(shape) != 3:
+    raise SynthesisError(f'{path}: expected a 3D volume, got shape {shape}')
+  return image, shape
+
+
+def check_headers(case, inputs) -> tuple[object, tuple]:
+  """Reads the input headers (no voxels); returns (reference image, shape)."""
+  reference = None
+  for modality in inputs:
+    image, shape = _load_image(case.files[modality])
+    if reference is None:
+      reference = image, shape, modality
+      continue
+    if shape != reference[1]:
+      raise SynthesisError(f'{case.files[modality]}: shape {shape} differs from '
+                           f'{reference[2]} {reference[1]}')
+    if np.abs(image.affine - reference[0].affine).max() > 1e-3:
+      raise SynthesisError(f'{case.files[modality]}: affine differs from {reference[2]}')
+  return reference[0], reference[1]
+
+
+def read_volume(path, shape) -> np.ndarray:
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  try:
+    data = np.asarray(nib.load(path).dataobj, np.float32).reshape(shape)
+  except Exception as e:
+    raise SynthesisError(f'{path}: cannot read voxel data ({type(e).__name__}: {e})') from None
+  if not np.isfinite(data).all():
+    raise SynthesisError(f'{path}: contains NaN or infinite values')
+  return data
+
+
+def preprocess_inputs(volumes, modalities, data_config):
+  """Input volumes {modality: [X, Y, Z]} -> ([Z, S, S, M] normalised slices, brain mask).
+
+  Absent modalities (the targets) are filled with the background value; the
+  generator never reads them.
+  """
+  from data_prep import preprocess  # pylint: disable=g-import-not-at-top
+  shape = next(iter(volumes.values())).shape
+  fill = preprocess.background_value(data_config.normalise)
+  brain = np.zeros(shape, bool)
+  channels = []
+  for modality in modalities:
+    if modality not in volumes:
+      size = data_config.image_size
+      channels.append(np.full((shape[2], size, size), fill, np.float32))
+      continue
+    brain |= volumes[modality] != 0
+    normed, _ = preprocess.normalise_volume(volumes[modality], data_config.normalise)
+    channels.append(preprocess.volume_to_slices(normed, range(shape[2]), data_config.geometry,
+                                                data_config.image_size, fill))
+  return np.stack(channels, axis=-1).astype(np.float32), brain
+
+
+def postprocess(synthesised, brain, data_config, scale=INTENSITY_SCALE) -> np.ndarray:
+  """[Z, S, S] tanh slices -> [X, Y, Z] volume in [0, scale], zero outside `brain`."""
+  from data_prep import preprocess  # pylint: disable=g-import-not-at-top
+  volume = preprocess.slices_to_volume(synthesised, brain.shape, range(brain.shape[2]),
+                                       data_config.geometry, fill=-1.0)
+  volume = np.clip((volume + 1) / 2, 0, 1) * scale
+  return np.where(brain, volume, 0).astype(np.float32)
+
+
+def output_path(case, target, out_dir, naming) -> pathlib.Path:
+  out_dir = pathlib.Path(out_dir)
+  if naming == 'brasyn':
+    if target not in BRASYN_TOKENS:
+      raise SynthesisError(f'--naming brasyn: no BraSyn name for modality {target!r}')
+    return out_dir / f'{case.subject_id}-{BRASYN_TOKENS[target]}.nii.gz'
+  name = case.filename_for(target)
+  if not name.endswith(('.nii', '.nii.gz')):
+    name += '.nii.gz'
+  return out_dir / case.subject_id / name
+
+
+def write_nifti(volume, reference, path) -> None:
+  """Writes float32 `volume` with `reference`'s affine and header, atomically."""
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  header = reference.header.copy()
+  header.set_data_dtype(np.float32)
+  header.set_slope_inter(None, None)  # Input scaling (e.g. int16 slopes) does not apply.
+  header['cal_min'], header['cal_max'] = 0, 0
+  image = nib.Nifti1Image(volume.astype(np.float32), reference.affine, header)
+  suffix = '.nii.gz' if path.name.endswith('.gz') else '.nii'
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.partial-', suffix=suffix, dir=path.parent)
+  os.close(fd)
+  try:
+    nib.save(image, tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+@dataclasses.dataclass
+class Job:
+  case: object
+  targets: list[str]
+  reference: object   # nibabel image whose header and affine are copied
+  shape: tuple
+
+
+def plan_jobs(cases, data_config, *, target=None, all_targets=False) -> list[Job]:
+  """Checks every case (modalities, headers, size) before anything is synthesised."""
+  modalities = tuple(data_config.modalities)
+  jobs = []
+  for case in cases:
+    if tuple(case.modalities) != tuple(modalities):
+      raise SynthesisError(f'{case.directory}: a {case.dataset} case, but the model was '
+                           f'trained on {list(modalities)}')
+    targets = choose_targets(case, modalities, target=target, all_targets=all_targets)
+    inputs = [m for m in modalities if m in case.files and (all_targets or m not in targets)]
+    reference, shape = check_headers(case, inputs)
+    if data_config.geometry == 'pad' and max(shape[:2]) > data_config.image_size:
+      raise SynthesisError(f'{case.files[inputs[0]]}: slices of {shape[0]}x{shape[1]} do not fit '
+                           f'the model\'s {data_config.image_size} px (pad geometry)')
+    jobs.append(Job(case, targets, reference, shape))
+  return jobs
+
+
+def synthesize_case(synthesizer, job: Job, out_dir, *, naming='case',
+                    scale=INTENSITY_SCALE) -> list[tuple[str, pathlib.Path]]:
+  """Synthesises and writes every target of one case; returns (target, path) pairs."""
+  data_config, modalities = synthesizer.config.data, list(synthesizer.config.data.modalities)
+  volumes = {m: read_volume(p, job.shape) for m, p in job.case.files.items() if m in modalities}
+  written = []
+  for target in job.targets:
+    # With --all-targets every case is complete: drop the target, keep the others.
+    inputs = {m: v for m, v in volumes.items() if m != target}
+    images, brain = preprocess_inputs(inputs, modalities, data_config)
+    synthesised = synthesizer(images, modalities.index(target))
+    volume = postprocess(synthesised, brain, data_config, scale)
+    path = output_path(job.case, target, out_dir, naming)
+    write_nifti(volume, job.reference, path)
+    written.append((target, path))
+  return written
+
+
+# --------------------------------------------------------------------------
+# Command line.
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog='python -m aegan_jax.synthesize',
+                                   description=__doc__.split('\n\n')[0])
+  parser.add_argument('--workdir', required=True, type=pathlib.Path,
+                      help='training workdir (or one written by python -m aegan_jax.official import)')
+  parser.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
+  parser.add_argument('--input', required=True, type=pathlib.Path,
+                      help='one case folder or a folder of cases')
+  parser.add_argument('--output', required=True, type=pathlib.Path)
+  parser.add_argument('--target', help='modality to synthesise (default: the missing one)')
+  parser.add_argument('--all-targets', action='store_true',
+                      help='synthesise every modality of complete cases from the others')
+  parser.add_argument('--naming', choices=('case', 'brasyn'), default='case')
+  parser.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE)
+  parser.add_argument('--intensity-scale', type=float, default=INTENSITY_SCALE,
+                      help='output intensity of a generator output of 1 (default 1000)')
+  args = parser.parse_args(argv)
+  if args.target and args.all_targets:
+    parser.error('--target and --all-targets exclude each other')
+  return args
+
+
+def run(args) -> list[pathlib.Path]:
+  from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from data_prep import layouts  # pylint: disable=g-import-not-at-top
+  step, config = checkpoints.read_checkpoint_config(args.workdir, args.step)
+  cases = layouts.find_cases(args.input, config.data.get('dataset', 'auto'))
+  jobs = plan_jobs(cases, config.data, target=args.target,
+                   all_targets=args.all_targets)
+  synthesizer = Synthesizer.restore(args.workdir, step=step, config=config,
+                                    batch_size=args.batch_size)
+  print(f'synthesize: {len(jobs)} case(s), checkpoint step {synthesizer.step}, '
+        f'{synthesizer.mesh.devices.size} device(s)', flush=True)
+  paths, seconds = [], []
+  for i, job in enumerate(jobs):
+    start = time.perf_counter()
+    written = synthesize_case(synthesizer, job, args.output, naming=args.naming,
+                              scale=args.intensity_scale)
+    seconds.append((time.perf_counter() - start) / len(written))
+    paths += [p for _, p in written]
+    names = ', '.join(f'{t} -> {p}' for t, p in written)
+    print(f'[{i + 1}/{len(jobs)}] {job.case.subject_id} {job.shape}: {names} '
+          f'({seconds[-1]:.2f} s/volume)', flush=True)
+  print(_summary(seconds), flush=True)
+  return paths
+
+
+def _summary(seconds) -> str:
+  total = f'{len(seconds)} case(s), {sum(seconds):.1f} s, {np.mean(seconds):.2f} s/volume'
+  if len(seconds) > 1:  # The first case includes compilation.
+    total += f' ({np.mean(seconds[1:]):.2f} s/volume after the first)'
+  return 'done: ' + total
+
+
+def main(argv=None) -> int:
+  from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top
+  args = parse_args(argv)
+  try:
+    run(args)
+  except (SynthesisError, DataError, checkpoints.CheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,167 @@
+"""Synthesis CLI on tiny phantom cases with a random-init checkpoint."""
+import pathlib
+import shutil
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from aegan_jax import checkpoints
+from aegan_jax import models
+from aegan_jax import synthesize
+from configs import brats
+from data_prep import phantom
+
+SHAPE = (40, 36, 24)
+
+
+def tiny_config(geometry='resize', image_size=32):
+  config = brats.get_config()
+  config.data.image_size = image_size
+  config.data.geometry = geometry
+  config.data.slices = 'range:8:16'
+  config.model.ngf = 8
+  config.model.num_blocks = 1
+  return config
+
+
+def write_checkpoint(workdir, config, step=1):
+  generator, _ = models.build_networks(config.model, len(config.data.modalities))
+  size = config.data.image_size
+  variables = generator.init({'params': jax.random.PRNGKey(0)}, np.zeros((1, size, size, 15)),
+                             train=False)
+  checkpoints.save_networks(workdir, step, config, variables)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('work')
+  write_checkpoint(path, tiny_config())
+  return path
+
+
+@pytest.fixture(scope='module')
+def raw(tmp_path_factory):
+  path = tmp_path_factory.mktemp('raw')
+  phantom.write_phantom_dataset(path, 2, seed=0, shape=SHAPE, layout='brats2020')
+  return path
+
+
+def copy_cases(raw, dst, drop=None):
+  """Copies the phantom cases, removing the files of `drop` {case index: [modality tokens]}."""
+  shutil.copytree(raw, dst)
+  for index, tokens in (drop or {}).items():
+    case = sorted(p for p in dst.iterdir() if p.is_dir())[index]
+    for token in tokens:
+      (case / f'{case.name}_{token}.nii.gz').unlink()
+  return dst
+
+
+def run(*args):
+  return synthesize.main([str(a) for a in args])
+
+
+def test_missing_modality_is_written_on_the_input_grid(workdir, raw, tmp_path, capsys):
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t1ce'], 1: ['t1ce']})
+  assert run('--workdir', workdir, '--input', cases, '--output', tmp_path / 'out',
+             '--batch-size', 6) == 0
+  stdout = capsys.readouterr().out
+  assert 's/volume' in stdout and '[2/2]' in stdout
+  for case in sorted(p for p in cases.iterdir()):
+    written = tmp_path / 'out' / case.name / f'{case.name}_t1ce.nii.gz'
+    reference = nib.load(case / f'{case.name}_t1.nii.gz')
+    image = nib.load(written)
+    volume = np.asarray(image.dataobj)
+    assert volume.shape == SHAPE and volume.dtype == np.float32
+    np.testing.assert_allclose(image.affine, reference.affine)
+    brain = np.asarray(reference.dataobj) != 0
+    assert np.isfinite(volume).all()
+    assert (volume[~brain] == 0).all()
+    assert 0 <= volume.min() and volume.max() <= synthesize.INTENSITY_SCALE
+    assert volume[brain].std() > 0
+  # Only the outputs: no temporary files left behind.
+  assert sorted(p.name for p in (tmp_path / 'out').rglob('*') if p.is_file()) == [
+      'BraTS20_Training_001_t1ce.nii.gz', 'BraTS20_Training_002_t1ce.nii.gz']
+
+
+def test_one_case_folder_with_pad_geometry_and_brasyn_names(raw, tmp_path):
+  workdir = tmp_path / 'work'
+  write_checkpoint(workdir, tiny_config(geometry='pad', image_size=48), step=3)
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['flair']})
+  case = cases / 'BraTS20_Training_001'
+  assert run('--workdir', workdir, '--input', case, '--output', tmp_path / 'out',
+             '--naming', 'brasyn') == 0
+  written = tmp_path / 'out' / 'BraTS20_Training_001-t2f.nii.gz'
+  assert np.asarray(nib.load(written).dataobj).shape == SHAPE
+  assert [p.name for p in (tmp_path / 'out').iterdir()] == [written.name]
+
+
+def test_all_targets_and_explicit_target(workdir, raw, tmp_path):
+  assert run('--workdir', workdir, '--input', raw / 'BraTS20_Training_002', '--output',
+             tmp_path / 'all', '--all-targets', '--naming', 'brasyn') == 0
+  assert sorted(p.name for p in (tmp_path / 'all').iterdir()) == [
+      f'BraTS20_Training_002-{t}.nii.gz' for t in ('t1c', 't1n', 't2f', 't2w')]
+  assert run('--workdir', workdir, '--input', raw / 'BraTS20_Training_002', '--output',
+             tmp_path / 'one', '--target', 't2') == 0
+  assert (tmp_path / 'one' / 'BraTS20_Training_002' / 'BraTS20_Training_002_t2.nii.gz').is_file()
+
+
+def test_brats2023_names_in_the_case_convention(workdir, tmp_path):
+  phantom.write_phantom_dataset(tmp_path / 'in', 1, seed=1, shape=SHAPE, layout='brats2023')
+  case = tmp_path / 'in' / 'BraTS-GLI-00000-000'
+  (case / 'BraTS-GLI-00000-000-t2w.nii.gz').unlink()
+  assert run('--workdir', workdir, '--input', case, '--output', tmp_path / 'out') == 0
+  assert (tmp_path / 'out' / 'BraTS-GLI-00000-000' / 'BraTS-GLI-00000-000-t2w.nii.gz').is_file()
+
+
+@pytest.mark.parametrize('drop, extra, message', [
+    ({0: ['t1', 't2']}, [], "2 modalities are missing (['t1', 't2'])"),
+    ({}, [], 'nothing is missing'),
+    ({0: ['t1']}, ['--all-targets'], '--all-targets needs complete cases'),
+    ({0: ['t1']}, ['--target', 't2'], "missing ['t1'] besides the target t2"),
+])
+def test_bad_requests_are_one_line_errors(workdir, raw, tmp_path, capsys, drop, extra, message):
+  cases = copy_cases(raw, tmp_path / 'in', drop=drop)
+  assert run('--workdir', workdir, '--input', cases / 'BraTS20_Training_001', '--output',
+             tmp_path / 'out', *extra) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and message in err and err.count('\n') == 1
+  assert not (tmp_path / 'out').exists()
+
+
+def test_corrupt_file_and_missing_checkpoint(workdir, raw, tmp_path, capsys):
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t2']})
+  case = cases / 'BraTS20_Training_001'
+  (case / 'BraTS20_Training_001_t1.nii.gz').write_bytes(b'not a nifti file')
+  assert run('--workdir', workdir, '--input', case, '--output', tmp_path / 'out') == 2
+  err = capsys.readouterr().err
+  assert 'BraTS20_Training_001_t1.nii.gz: not a readable NIfTI file' in err
+  assert run('--workdir', tmp_path / 'empty', '--input', case, '--output', tmp_path / 'out') == 2
+  assert 'no checkpoints' in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_truncated_voxels_leave_no_partial_file(workdir, raw, tmp_path, capsys):
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t2']})
+  path = cases / 'BraTS20_Training_001' / 'BraTS20_Training_001_flair.nii.gz'
+  path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  assert run('--workdir', workdir, '--input', cases / 'BraTS20_Training_001', '--output',
+             tmp_path / 'out') == 2
+  assert 'flair.nii.gz: ' in capsys.readouterr().err
+  assert not list((tmp_path / 'out').rglob('*.nii.gz')) if (tmp_path / 'out').exists() else True
+
+
+def test_synthesizer_pads_batches_and_matches_direct_apply():
+  config = tiny_config()
+  generator, _ = models.build_networks(config.model, 4)
+  variables = generator.init({'params': jax.random.PRNGKey(1)}, np.zeros((1, 32, 32, 15)),
+                             train=False)
+  synth = synthesize.Synthesizer(generator, variables, config, batch_size=3)
+  assert synth.batch_size % jax.device_count() == 0
+  images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 4)).astype(np.float32)
+  targets = np.array([0, 1, 2, 3, 1])
+  from aegan_jax import modalities  # pylint: disable=g-import-not-at-top
+  expected = generator.apply(variables, modalities.assemble_generator_input(images, targets),
+                             train=False)[..., 0]
+  np.testing.assert_allclose(synth(images, targets), expected, atol=1e-5)
