@@ -1,0 +1,151 @@
+"""Evaluation of a checkpoint on a tiny prepared phantom dataset."""
+import csv
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from aegan_jax import checkpoints
+from aegan_jax import evaluate
+from aegan_jax import models
+from configs import brats
+from data_prep import phantom
+from data_prep import prepare
+
+SHAPE = (40, 36, 24)
+
+
+def tiny_config(prepared_dir):
+  config = brats.get_config()
+  config.data.prepared_dir = str(prepared_dir)
+  config.data.image_size = 32
+  config.data.slices = 'range:4:20'
+  config.model.ngf = 8
+  config.model.num_blocks = 1
+  return config
+
+
+def random_variables(config, seed=0):
+  generator, _ = models.build_networks(config.model, 4)
+  return generator.init({'params': jax.random.PRNGKey(seed)}, np.zeros((1, 32, 32, 15)),
+                        train=False)
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  root = tmp_path_factory.mktemp('eval')
+  phantom.write_phantom_dataset(root / 'raw', 4, seed=0, shape=SHAPE)
+  prepare.prepare_dataset(root / 'raw', root / 'prepared', image_size=32, slices='range:4:20',
+                          split_ratios=(0.5, 0.0, 0.5), progress=False)
+  return root
+
+
+@pytest.fixture(scope='module')
+def report(dataset):
+  config = tiny_config(dataset / 'prepared')
+  checkpoints.save_networks(dataset / 'work', 7, config, random_variables(config))
+  return evaluate.evaluate(config, dataset / 'work', batch_size=6, log=lambda *a: None)
+
+
+def test_writes_json_csv_markdown_and_grids(dataset, report):
+  out = dataset / 'work' / 'eval' / '7'
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      ['metrics.json', 'metrics.csv', 'metrics.md'] +
+      [f'grid_{t}.png' for t in ('t1', 't1ce', 't2', 'flair')])
+  stored = json.loads((out / 'metrics.json').read_text())
+  assert stored['step'] == 7 and stored['split'] == 'test' and stored['num_subjects'] == 2
+  assert stored['volume_reference'] == 'source files'
+  assert set(stored['summary']) == {'model', 'baseline'}
+  assert set(stored['summary']['model']) == set(evaluate.PROTOCOLS)
+  with open(out / 'metrics.csv') as f:
+    rows = list(csv.DictReader(f))
+  # 2 methods x 3 protocols x 4 targets x 2 subjects.
+  assert len(rows) == 48 and len(stored['subjects']) == 48
+  assert {r['protocol'] for r in rows} == set(evaluate.PROTOCOLS)
+  markdown = (out / 'metrics.md').read_text()
+  for protocol in evaluate.PROTOCOLS:
+    assert f'## {protocol}:' in markdown
+  for target, source in report['baselines'].items():
+    assert f'| {target} | copy {source} |' in markdown
+  grid = Image.open(out / 'grid_t1ce.png')
+  assert grid.width == 6 * 128 and grid.height > 3 * 128
+
+
+def test_summary_values_are_sane(report):
+  summary = report['summary']
+  for method in evaluate.METHODS:
+    for target in ('t1', 't1ce', 't2', 'flair'):
+      aegan = summary[method]['aegan'][target]
+      assert aegan['psnr']['n'] == 2 and 0 < aegan['psnr']['mean'] < 60
+      assert -1 <= aegan['ssim']['mean'] <= 1 and 0 <= aegan['fsim']['mean'] <= 1
+      assert 0 <= aegan['mae']['mean'] <= 1
+      volume = summary[method]['volume'][target]
+      assert np.isfinite(volume['psnr']['mean']) and volume['mae']['mean'] > 0
+      brasyn = summary[method]['brasyn'][target]
+      assert np.isfinite(brasyn['ssim_tumour']['mean']) or brasyn['ssim_tumour']['n'] == 0
+      assert np.isfinite(brasyn['ssim_non_tumour']['mean'])
+  # A random generator loses to copying the best input.
+  assert report['scalars']['aegan/all/psnr'] < report['scalars']['baseline/aegan/all/psnr']
+  assert report['baselines']['t1'] != 't1'
+
+
+def test_baseline_picks_the_most_similar_input():
+  rng = np.random.default_rng(0)
+  base = rng.uniform(-1, 1, (3, 16, 16))
+  images = np.stack([base, base + 0.01, -base, 0.05 - base], axis=-1).clip(-1, 1)
+  scores = evaluate.copy_psnr(images)
+  np.fill_diagonal(scores, -np.inf)
+  assert list(np.argmax(scores, axis=1)) == [1, 0, 3, 2]
+
+
+def test_perfect_synthesis_scores_the_cap_and_ssim_one():
+  rng = np.random.default_rng(0)
+  volume = rng.uniform(0, 500, (20, 20, 12)).astype(np.float32)
+  brain = np.ones(volume.shape, bool)
+  scores = evaluate.volume_metrics(volume, volume, brain)
+  assert scores['psnr'] == evaluate.PSNR_CAP and scores['mae'] == 0
+  assert scores['ssim'] == pytest.approx(1.0, abs=1e-5)
+  seg = np.zeros(volume.shape, np.uint8)
+  seg[5:10, 5:10, 3:9] = 2
+  brasyn = evaluate.brasyn_metrics(volume * 2 + 7, volume, brain, seg)  # Affine: same after scaling.
+  assert brasyn['ssim_tumour'] == pytest.approx(1.0, abs=1e-4)
+  assert brasyn['ssim_non_tumour'] == pytest.approx(1.0, abs=1e-4)
+  assert evaluate.brasyn_metrics(volume, volume, brain, None)['ssim_tumour'] != \
+      evaluate.brasyn_metrics(volume, volume, brain, None)['ssim_tumour']  # NaN without seg.
+
+
+def test_without_source_files_and_with_an_empty_split(dataset, tmp_path):
+  # Few slices (2D SSIM fallback), the raw files gone (volumes from the prepared slices),
+  # and an empty 'val' split (falls back to 'train').
+  shutil.copytree(dataset / 'raw', tmp_path / 'raw')
+  prepare.prepare_dataset(tmp_path / 'raw', tmp_path / 'prepared', image_size=32,
+                          slices='range:10:14', split_ratios=(1.0, 0.0, 0.0), progress=False)
+  shutil.rmtree(tmp_path / 'raw')
+  config = tiny_config(tmp_path / 'prepared')
+  config.data.slices = 'range:10:14'
+  messages = []
+  report = evaluate.evaluate(config, tmp_path / 'work', step=3, split='val',
+                             variables=random_variables(config, 1), batch_size=4,
+                             log=messages.append)
+  assert report['split'] == 'train' and report['volume_reference'] == 'prepared slices'
+  assert any(m.startswith("warning: split 'val'") for m in messages)
+  assert any('target flair: aegan PSNR' in m for m in messages)
+  volume = report['summary']['model']['volume']['t2']
+  assert volume['ssim']['n'] == 4 and np.isfinite(volume['ssim']['mean'])
+  assert (tmp_path / 'work' / 'eval' / '3' / 'metrics.md').is_file()
+
+
+def test_restore_on_a_different_device_count_matches(dataset, report):
+  # The checkpoint was written from host arrays; restoring onto a one-device mesh
+  # (instead of the 4 test devices) gives the same synthesis.
+  from aegan_jax import synthesize  # pylint: disable=g-import-not-at-top
+  config = tiny_config(dataset / 'prepared')
+  four = synthesize.Synthesizer.restore(dataset / 'work', config=config, batch_size=4)
+  one_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  one = synthesize.Synthesizer(four.generator, jax.device_get(four.variables), config,
+                               batch_size=4, mesh=one_mesh)
+  images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 4)).astype(np.float32)
+  np.testing.assert_allclose(one(images, 2), four(images, 2), atol=1e-5)
