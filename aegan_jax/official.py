@@ -1,10 +1,14 @@
 """Official AE-GAN (PyTorch) weights: import and a parity check.
 
     python -m aegan_jax.official check FIXTURE.npz
+    python -m aegan_jax.official import --generator G.pth [--autoencoder AE.pth] \\
+        --config configs/brats.py --workdir DIR
 
-runs our networks on an exported fixture's inputs (eval mode, and BatchNorm in
+`check` runs our networks on an exported fixture's inputs (eval mode, and BatchNorm in
 training mode for the `trainbn_*` keys) and compares every stored output,
-feature summary, loss and gradient norm; it exits 1 above tolerance.
+feature summary, loss and gradient norm; it exits 1 above tolerance.  `import`
+writes the weights as step 0 of an Orbax checkpoint (config.model set from the
+weights), which `aegan_jax.evaluate` and `aegan_jax.synthesize` restore.
 
 State dicts come as `.npz` files holding the official tensor names (optionally
 prefixed `G/` or `AE/`, as in the shared fixture) or as PyTorch `.pth` files,
@@ -411,6 +415,99 @@ def _print_rows(rows, verbose):
             f'{rel_err:10.3e}  {"ok" if ok else "FAIL"}')
 
 
+# --------------------------------------------------------------------------
+# Import into an Orbax checkpoint that evaluation and synthesis restore.
+
+
+def load_config_file(path):
+  """`get_config()` of a config file such as configs/brats.py."""
+  import runpy  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ImportError_(f'{path}: no such config file')
+  namespace = runpy.run_path(str(path))
+  if 'get_config' not in namespace:
+    raise ImportError_(f'{path}: defines no get_config()')
+  return namespace['get_config']()
+
+
+def _read_network(path, prefix):
+  try:
+    return read_state_dict(path, prefix)
+  except ImportError_:
+    raise
+  except Exception as e:  # Corrupt archives: BadZipFile, OSError, ValueError, ...
+    raise ImportError_(f'{path}: not a readable state dict ({e.__class__.__name__}: {e})') from e
+
+
+def _norm_of(tensors, first_norm):
+  """'batch' when the first norm layer carries running statistics (the official BraTS nets)."""
+  if f'{first_norm}.running_mean' in tensors:
+    return 'batch'
+  raise ImportError_(f'no {first_norm}.running_mean: only BatchNorm networks (the official '
+                     'norm: batch) can be imported')
+
+
+def configure_from_weights(config, g_tensors, ae_tensors=None):
+  """Sets config.model from the weights' architecture; raises ImportError_ on conflicts."""
+  hp = generator_hparams(g_tensors)
+  modalities = list(config.data.modalities)
+  if hp['num_modalities'] != len(modalities):
+    raise ImportError_(f'the generator synthesises from {hp["num_modalities"] - 1} of '
+                       f'{hp["num_modalities"]} modalities, but config data.modalities is '
+                       f'{modalities}')
+  config.model.ngf, config.model.num_blocks = hp['ngf'], hp['num_blocks']
+  config.model.use_dropout = hp['use_dropout']
+  config.model.norm = _norm_of(g_tensors, 'encoder_0_0.2')
+  if ae_tensors is None:
+    return config
+  ae_hp = autoencoder_hparams(ae_tensors)
+  for name in ('ngf', 'num_blocks', 'use_dropout'):
+    if ae_hp[name] != hp[name]:
+      raise ImportError_(f'autoencoder {name}={ae_hp[name]} differs from the generator\'s '
+                         f'{hp[name]}; both networks share config.model')
+  if ae_hp['num_classes'] != len(modalities):
+    raise ImportError_(f'autoencoder classifies {ae_hp["num_classes"]} modalities, config has '
+                       f'{len(modalities)}')
+  _norm_of(ae_tensors, 'encoder.2')
+  # The modality classifier's kernel spans the whole H/4 x W/4 map: it fixes the image size.
+  image_size = 4 * int(ae_tensors['cls_branch.weight'].shape[-1])
+  if image_size != config.data.image_size:
+    raise ImportError_(f'the autoencoder was built for {image_size} px images (cls_branch '
+                       f'kernel {image_size // 4}), but config data.image_size is '
+                       f'{config.data.image_size}')
+  return config
+
+
+def import_weights(generator_path, config, workdir, autoencoder_path=None, step=0):
+  """Official weights -> `<workdir>/checkpoints/<step>`; returns the config it stores.
+
+  The workdir must not hold checkpoints yet (a fresh run folder).
+  """
+  from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  existing = checkpoints.checkpoint_dir(workdir)
+  if existing.is_dir() and any(p.name.isdigit() for p in existing.iterdir()):
+    raise ImportError_(f'{existing} already holds checkpoints; import into a new --workdir')
+  g_tensors = _read_network(generator_path, 'G/')
+  ae_tensors = _read_network(autoencoder_path, 'AE/') if autoencoder_path else None
+  config = configure_from_weights(config, g_tensors, ae_tensors)
+  _, g_vars = load_generator(g_tensors)
+  ae_vars = load_autoencoder(ae_tensors)[1] if ae_tensors is not None else None
+  checkpoints.save_networks(workdir, step, config, g_vars, ae_vars)
+  return config
+
+
+def _import_command(args):
+  config = load_config_file(args.config)
+  config = import_weights(args.generator, config, args.workdir, args.autoencoder, args.step)
+  m = config.model
+  print(f'imported {"generator and autoencoder" if args.autoencoder else "generator"} '
+        f'(ngf {m.ngf}, {m.num_blocks} blocks, dropout {m.use_dropout}, norm {m.norm}, '
+        f'{config.data.image_size} px, modalities {list(config.data.modalities)}) into '
+        f'{pathlib.Path(args.workdir) / "checkpoints"} step {args.step}')
+  return 0
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m aegan_jax.official',
                                    description=__doc__.split('\n\n')[0])
@@ -421,7 +518,23 @@ def main(argv=None):
   check_parser.add_argument('--gradient-tolerance', type=float, default=GRADIENT_TOLERANCE,
                             help='bound for the gradnorm_* keys (see GRADIENT_TOLERANCE)')
   check_parser.add_argument('--verbose', action='store_true', help='one row per key')
+  import_parser = sub.add_parser('import', help='write official weights as an Orbax checkpoint')
+  import_parser.add_argument('--generator', required=True, type=pathlib.Path,
+                             help='G state dict (.pth, or .npz with or without G/ prefixes)')
+  import_parser.add_argument('--autoencoder', type=pathlib.Path,
+                             help='AE state dict (.pth, or .npz with or without AE/ prefixes)')
+  import_parser.add_argument('--config', required=True, type=pathlib.Path,
+                             help='config file, e.g. configs/brats.py (model fields are set '
+                                  'from the weights)')
+  import_parser.add_argument('--workdir', required=True, type=pathlib.Path)
+  import_parser.add_argument('--step', type=int, default=0)
   args = parser.parse_args(argv)
+  if args.command == 'import':
+    try:
+      return _import_command(args)
+    except ImportError_ as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
   if args.command == 'check':
     try:
       rows = check(args.fixture, args.tolerance, args.gradient_tolerance)

@@ -1,0 +1,102 @@
+"""Importing official weights into an Orbax checkpoint, then restoring them."""
+import numpy as np
+import pytest
+
+from aegan_jax import checkpoints
+from aegan_jax import official
+from aegan_jax import synthesize
+
+CONFIG = 'configs/brats.py'
+
+
+def nhwc(x):
+  return np.asarray(x, np.float32).transpose(0, 2, 3, 1)
+
+
+def images_from_generator_input(generator_input, targets, num_modalities=4):
+  """Inverts `assemble_generator_input`: branch i holds modality (t + 1 + i) % M."""
+  n, h, w, _ = generator_input.shape
+  images = np.zeros((n, h, w, num_modalities), np.float32)
+  for k, t in enumerate(targets):
+    for i in range(num_modalities - 1):
+      images[k, ..., (t + 1 + i) % num_modalities] = generator_input[k, ..., i * (num_modalities + 1)]
+  return images
+
+
+@pytest.fixture(scope='module')
+def imported(parity_fixture_path, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('imported')
+  assert official.main(['import', '--generator', str(parity_fixture_path), '--autoencoder',
+                        str(parity_fixture_path), '--config', CONFIG,
+                        '--workdir', str(workdir)]) == 0
+  return workdir
+
+
+def test_imported_generator_reproduces_the_official_output(parity_fixture_path, imported):
+  fixture = np.load(parity_fixture_path)
+  step, config = checkpoints.read_checkpoint_config(imported)
+  assert step == 0 and config.model.ngf == 8 and config.model.num_blocks == 6
+  assert config.model.use_dropout and config.model.norm == 'batch'
+  synthesizer = synthesize.Synthesizer.restore(imported, batch_size=2)
+  targets = np.asarray(fixture['target_index']).reshape(-1)
+  images = images_from_generator_input(nhwc(fixture['input_A']), targets)
+  out = synthesizer(images, targets)
+  expected = nhwc(fixture['G_out'])[..., 0]
+  rel = np.abs(out - expected).max() / np.abs(expected).max()
+  print(f"relative error {rel:.2e}")
+  assert rel < 1e-4, rel
+
+
+def test_imported_autoencoder_is_stored(imported):
+  items = {p.name for p in (checkpoints.checkpoint_dir(imported) / '0').iterdir()}
+  assert {'generator', 'autoencoder', 'meta'} <= items
+
+
+def test_generator_only_npz_without_prefix(parity_fixture_path, tmp_path, capsys):
+  fixture = np.load(parity_fixture_path)
+  plain = tmp_path / 'G.npz'
+  np.savez(plain, **{k[2:]: fixture[k] for k in fixture.files if k.startswith('G/')})
+  assert official.main(['import', '--generator', str(plain), '--config', CONFIG,
+                        '--workdir', str(tmp_path / 'work')]) == 0
+  assert 'imported generator (ngf 8' in capsys.readouterr().out
+  # A second import into the same workdir is refused.
+  assert official.main(['import', '--generator', str(plain), '--config', CONFIG,
+                        '--workdir', str(tmp_path / 'work')]) == 2
+  assert 'already holds checkpoints' in capsys.readouterr().err
+
+
+def test_bad_files_are_one_line_errors(parity_fixture_path, tmp_path, capsys):
+  corrupt = tmp_path / 'bad.npz'
+  corrupt.write_bytes(b'PK\x03\x04 truncated')
+  cases = [
+      (['--generator', str(tmp_path / 'missing.npz')], 'no such file'),
+      (['--generator', str(corrupt)], 'not a readable state dict'),
+      (['--generator', str(tmp_path / 'weights.txt')], 'expected a .npz or .pth'),
+      # AE tensors given as the generator.
+      (['--generator', str(_ae_only(parity_fixture_path, tmp_path))],
+       'not an official AE-GAN generator state dict'),
+  ]
+  (tmp_path / 'weights.txt').write_text('x')
+  for extra, message in cases:
+    code = official.main(['import', *extra, '--config', CONFIG,
+                          '--workdir', str(tmp_path / 'w')])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count('\n') == 1, err
+  assert not (tmp_path / 'w').exists()
+
+
+def test_image_size_conflict_with_the_autoencoder(parity_fixture_path, tmp_path, capsys):
+  config = tmp_path / 'small.py'
+  config.write_text('from configs import brats\n\ndef get_config():\n'
+                    '  c = brats.get_config()\n  c.data.image_size = 128\n  return c\n')
+  assert official.main(['import', '--generator', str(parity_fixture_path), '--autoencoder',
+                        str(parity_fixture_path), '--config', str(config),
+                        '--workdir', str(tmp_path / 'w')]) == 2
+  assert 'built for 256 px images' in capsys.readouterr().err
+
+
+def _ae_only(parity_fixture_path, tmp_path):
+  fixture = np.load(parity_fixture_path)
+  path = tmp_path / 'AE.npz'
+  np.savez(path, **{k[3:]: fixture[k] for k in fixture.files if k.startswith('AE/')})
+  return path
