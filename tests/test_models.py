@@ -91,3 +91,15 @@ def test_batchnorm_running_stats_follow_pytorch():
   np.testing.assert_allclose(state['batch_stats']['mean'], 0.1 * flat.mean(0), rtol=1e-5)
   np.testing.assert_allclose(state['batch_stats']['var'], 0.9 + 0.1 * flat.var(0, ddof=1),
                              rtol=1e-5)
+
+
+def test_half_dropout_keeps_half_and_doubles_them():
+  x = jnp.ones((4, 16, 16, 8))
+  dropout = layers.HalfDropout()
+  out = dropout.apply({}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(0)})
+  values = np.unique(np.asarray(out))
+  assert set(values.tolist()) == {0.0, 2.0}
+  assert abs(float(jnp.mean(out == 2.0)) - 0.5) < 0.03
+  other = dropout.apply({}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+  assert not np.array_equal(out, other)
+  np.testing.assert_array_equal(dropout.apply({}, x, deterministic=True), x)

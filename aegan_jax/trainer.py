@@ -1,0 +1,300 @@
+"""The training job behind `launch.py --mode=train`.
+
+`train_and_evaluate(config, workdir)` prepares data when needed, trains
+data-parallel over every device (and host), checkpoints with Orbax, resumes
+exactly from the latest checkpoint, logs to the console and TensorBoard,
+writes sample grids, and evaluates the final generator.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import platform
+import signal
+import sys
+import time
+from importlib import metadata
+
+import jax
+import numpy as np
+
+from aegan_jax import checkpoints
+from aegan_jax import data
+from aegan_jax import parallel
+from aegan_jax import samples
+from aegan_jax import train
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+class TrainingDiverged(RuntimeError):
+  """A loss became NaN or Inf."""
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Set-up.
+
+
+def validate_config(config) -> None:
+  """Fails fast, naming the field, on values that would break deep inside training."""
+  checks = [
+      ('train.global_batch_size', config.train.global_batch_size > 0, 'must be positive'),
+      ('train.num_steps', config.train.num_steps >= 0, 'must be >= 0'),
+      ('train.num_epochs', config.train.num_steps > 0 or config.train.num_epochs > 0,
+       'must be positive when train.num_steps is 0'),
+      ('train.log_every', config.train.log_every > 0, 'must be positive'),
+      ('train.checkpoint_every', config.train.checkpoint_every > 0, 'must be positive'),
+      ('data.image_size', config.data.image_size % 4 == 0 and config.data.image_size >= 8,
+       'must be a multiple of 4, at least 8'),
+      ('model.ngf', config.model.ngf > 0, 'must be positive'),
+      ('model.norm', config.model.norm in ('batch', 'instance'), "must be 'batch' or 'instance'"),
+      ('loss.gan_mode', config.loss.gan_mode in ('vanilla', 'lsgan'),
+       "must be 'vanilla' or 'lsgan'"),
+      ('optim.learning_rate', config.optim.learning_rate > 0, 'must be positive'),
+      ('data.targets', len(config.data.targets) > 0 and all(
+          0 <= t < len(config.data.modalities) for t in config.data.targets),
+       f'must index data.modalities {tuple(config.data.modalities)}'),
+  ]
+  for field, ok, requirement in checks:
+    if not ok:
+      group, name = field.split('.')
+      raise ConfigError(f'config.{field}={config[group][name]!r} {requirement}')
+
+
+def write_run_info(config, workdir: pathlib.Path) -> None:
+  """The resolved config, package versions and devices, for the record."""
+  if jax.process_index() != 0:
+    return
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  packages = {}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
+               'tensorflow-datasets', 'ml-collections', 'numpy'):
+    try:
+      packages[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      packages[name] = None
+  info = {'python': platform.python_version(), 'packages': packages,
+          'process_count': jax.process_count(),
+          'devices': [f'{d.platform}:{d.id} {d.device_kind}' for d in jax.devices()]}
+  (workdir / 'run_info.json').write_text(json.dumps(info, indent=2) + '\n')
+
+
+def ensure_prepared(config, workdir: pathlib.Path) -> str:
+  """The prepared dataset's folder, preparing it (process 0) from raw data if needed."""
+  prepared = pathlib.Path(data.prepared_dir_for(config, workdir))
+  if not (prepared / 'manifest.json').exists() and jax.process_index() == 0:
+    raw = _raw_dir(config, workdir)
+    from data_prep import prepare  # pylint: disable=g-import-not-at-top
+    log(f'preparing {raw} -> {prepared}')
+    prepare.prepare_dataset(
+        raw, prepared, dataset=config.data.dataset, normalise=config.data.normalise,
+        slices=config.data.slices, geometry=config.data.geometry,
+        image_size=config.data.image_size, split_ratios=tuple(config.data.split_ratios),
+        split_seed=config.data.split_seed, workers=2)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('aegan_jax: data prepared')
+  return str(prepared)
+
+
+def _raw_dir(config, workdir) -> pathlib.Path:
+  """`data.raw_dir`; with `data.phantom_subjects` > 0 a phantom dataset is made there first."""
+  raw = pathlib.Path(config.data.raw_dir or workdir / 'raw')
+  subjects = config.data.get('phantom_subjects', 0)
+  if subjects > 0 and not (raw.exists() and any(raw.iterdir())):
+    from data_prep import phantom  # pylint: disable=g-import-not-at-top
+    log(f'generating {subjects} phantom subjects in {raw}')
+    phantom.write_phantom_dataset(raw, subjects, seed=config.data.phantom_seed,
+                                  shape=tuple(config.data.phantom_shape))
+  if not config.data.raw_dir and subjects <= 0:
+    raise ConfigError('config.data.raw_dir is empty and no prepared data was found: set '
+                      '--config.data.raw_dir to the raw NIfTI folder, or '
+                      '--config.data.prepared_dir to a prepared one')
+  return raw
+
+
+def check_data_matches(config, manifest: dict, prepared: str) -> None:
+  if tuple(manifest['modalities']) != tuple(config.data.modalities):
+    raise ConfigError(f'config.data.modalities={tuple(config.data.modalities)} but {prepared} '
+                      f'holds {tuple(manifest["modalities"])}')
+  if manifest['image_size'] != config.data.image_size:
+    raise ConfigError(f'config.data.image_size={config.data.image_size} but {prepared} was '
+                      f'prepared at {manifest["image_size"]}; prepare again or match it')
+
+
+def total_steps(config, num_train_examples: int) -> int:
+  if config.train.num_steps > 0:
+    return config.train.num_steps
+  steps_per_epoch = max(1, num_train_examples // config.train.global_batch_size)
+  return config.train.num_epochs * steps_per_epoch
+
+
+# --------------------------------------------------------------------------
+# Logging.
+
+
+class MetricWriter:
+  """TensorBoard event files (tensorboardX: no TensorFlow needed) on process 0."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self._writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(str(workdir / 'tensorboard'))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if self._writer:
+      for name, value in scalars.items():
+        self._writer.add_scalar(name, float(value), step)
+      self._writer.flush()
+
+  def close(self):
+    if self._writer:
+      self._writer.close()
+
+
+def check_finite(step: int, metrics: dict) -> None:
+  for name, value in metrics.items():
+    if not math.isfinite(float(value)):
+      raise TrainingDiverged(f'step {step}: {name} is {float(value)}; stopping (the last '
+                             'checkpoint before it is kept)')
+
+
+def format_console(step, num_steps, metrics, seconds_per_step, slices_per_s) -> str:
+  eta = (num_steps - step) * seconds_per_step
+  losses = ' '.join(f'{k.removeprefix("loss_")}={float(v):.4g}' for k, v in metrics.items()
+                    if k.startswith('loss_'))
+  return (f'step {step}/{num_steps} {losses} | {slices_per_s:.1f} slices/s, '
+          f'{seconds_per_step:.3f} s/step, ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
+
+
+# --------------------------------------------------------------------------
+# Stopping on SIGTERM / SIGINT.
+
+
+class StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None:  # A second signal: stop now.
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config, workdir) -> train.TrainState:
+  """Trains to `total_steps` (resuming from `workdir` if it has checkpoints), then evaluates."""
+  workdir = pathlib.Path(workdir).resolve()
+  workdir.mkdir(parents=True, exist_ok=True)
+  validate_config(config)
+  mesh = parallel.make_mesh()
+  try:
+    parallel.check_batch_divisible(config.train.global_batch_size, mesh)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from e
+  write_run_info(config, workdir)
+  prepared = ensure_prepared(config, workdir)
+  manifest = data.load_manifest(prepared)
+  check_data_matches(config, manifest, prepared)
+  num_steps = total_steps(config, data.num_examples(prepared, 'train'))
+
+  trainer = train.make_trainer(config, len(config.data.modalities))
+  state = parallel.replicate(
+      train.init_state(trainer, jax.random.PRNGKey(config.train.seed), config.data.image_size,
+                       config.loss.sr_weight), mesh)
+  iterator = iter(data.make_train_loader(
+      prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
+      targets=tuple(config.data.targets), flip=config.data.flip,
+      random_crop=config.data.random_crop, worker_count=config.data.worker_count,
+      with_generator_input=False))
+  manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  state = _maybe_resume(manager, state, iterator, config, workdir)
+  step_fn = parallel.sharded_train_step(trainer, mesh)
+  sample_writer = samples.SampleWriter(trainer.generator, prepared, workdir / 'samples',
+                                       config.data.modalities) if jax.process_index() == 0 else None
+  writer = MetricWriter(workdir)
+  try:
+    with StopRequest() as stop:
+      state = _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer,
+                    num_steps, stop)
+  finally:
+    manager.wait_until_finished()  # An async save still in flight would be lost.
+    manager.close()
+    writer.close()
+  if stop.signal_name:
+    log(f'stopped by {stop.signal_name} at step {int(state.step)}; checkpoint saved in '
+        f'{checkpoints.checkpoint_dir(workdir)}. Run the same command to resume.')
+    return state
+  if config.train.evaluate_at_end:
+    from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate(config, workdir, step=int(state.step))
+  return state
+
+
+def _maybe_resume(manager, state, iterator, config, workdir):
+  latest = manager.latest_step()
+  if latest is None:
+    return state
+  checkpoints.check_compatible(checkpoints.read_meta(manager, latest), config,
+                               checkpoints.checkpoint_dir(workdir))
+  log(f'resuming from step {latest} in {checkpoints.checkpoint_dir(workdir)}')
+  return checkpoints.restore_train_state(manager, latest, state, iterator)
+
+
+def _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer,
+          num_steps, stop):
+  step = int(jax.device_get(state.step))
+  if step >= num_steps:
+    log(f'already trained to step {step} (train.num_steps={num_steps})')
+    return state
+  log(f'training steps {step + 1}..{num_steps}, global batch {config.train.global_batch_size} '
+      f'on {mesh.size} device(s)')
+  window_start, window_steps = time.perf_counter(), 0
+  seconds_per_step = float('nan')
+  while step < num_steps:
+    batch = parallel.global_batch(next(iterator), mesh)
+    state, metrics = step_fn(state, batch)
+    step += 1
+    window_steps += 1
+    save_now = step % config.train.checkpoint_every == 0 or step == num_steps or stop.signal_name
+    if step % config.train.log_every == 0 or save_now:
+      metrics = jax.device_get(metrics)
+      check_finite(step, metrics)  # Before saving: a diverged state never replaces a good one.
+      seconds_per_step = (time.perf_counter() - window_start) / window_steps
+      slices_per_s = config.train.global_batch_size / seconds_per_step
+      writer.write(step, {**metrics, 'perf/seconds_per_step': seconds_per_step,
+                          'perf/slices_per_s': slices_per_s})
+      log(format_console(step, num_steps, metrics, seconds_per_step, slices_per_s))
+      window_start, window_steps = time.perf_counter(), 0
+    if sample_writer and (step % config.train.sample_every == 0 or step == num_steps):
+      sample_writer.write(step, state.generator.variables())
+    if save_now:
+      checkpoints.save(manager, state, config, iterator, force=True)
+    if stop.signal_name:
+      break
+  return state

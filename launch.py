@@ -1,0 +1,39 @@
+r"""Trains or evaluates AE-GAN.
+
+  python launch.py --config=configs/demo.py --workdir=runs/demo
+  python launch.py --config=configs/brats.py --workdir=runs/brats \
+      --config.data.raw_dir=/data/MICCAI_BraTS2020_TrainingData --config.train.num_steps=100
+  python launch.py --config=configs/brats.py --workdir=runs/brats --mode=evaluate [--step=N]
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, samples and results.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'], 'Train (then evaluate), or only evaluate.')
+flags.DEFINE_integer('step', None, 'With --mode=evaluate: the checkpoint step (default: latest).')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  from aegan_jax import launcher  # After flag parsing: jax must not start before this point.
+  return launcher.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, step=FLAGS.step,
+                      coordinator_address=FLAGS.coordinator_address,
+                      num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+if __name__ == '__main__':
+  sys.exit(app.run(main))
