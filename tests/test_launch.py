@@ -1,0 +1,143 @@
+"""The training job end to end: checkpoints, exact resume, devices, signals, bad configs."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from aegan_jax import checkpoints
+from aegan_jax import launcher
+from aegan_jax import parallel
+from aegan_jax import train
+from aegan_jax import trainer
+from configs import demo
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  from data_prep import phantom, prepare
+  root = tmp_path_factory.mktemp('data')
+  phantom.write_phantom_dataset(root / 'raw', 4, seed=1, shape=(40, 40, 24))
+  prepare.prepare_dataset(root / 'raw', root / 'prepared', image_size=32, slices='range:8:16',
+                          split_ratios=(0.5, 0.25, 0.25), progress=False)
+  return root / 'prepared'
+
+
+def tiny_config(prepared_dir, **train_fields):
+  config = demo.get_config()
+  config.data.prepared_dir = str(prepared_dir)
+  config.data.image_size = 32
+  config.model.ngf = 8
+  config.model.num_blocks = 1
+  config.train.global_batch_size = 4
+  config.train.log_every = 1
+  config.train.checkpoint_every = 2
+  config.train.sample_every = 2
+  config.train.evaluate_at_end = False
+  for key, value in train_fields.items():
+    config.train[key] = value
+  return config
+
+
+def restored_state(workdir, config, step=None):
+  t = train.make_trainer(config, 4)
+  template = train.init_state(t, jax.random.PRNGKey(99), config.data.image_size, 0.1)
+  manager = checkpoints.make_manager(workdir)
+  state = checkpoints.restore_train_state(manager, step or manager.latest_step(), template)
+  manager.close()
+  return state
+
+
+def assert_states_equal(a, b):
+  for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
+
+
+def test_train_writes_checkpoints_samples_logs_and_run_info(prepared, tmp_path):
+  config = tiny_config(prepared, num_steps=3)
+  state = trainer.train_and_evaluate(config, tmp_path)
+  assert int(state.step) == 3
+  manager = checkpoints.make_manager(tmp_path)
+  assert manager.all_steps() == [2, 3]  # every 2 steps, and at the end
+  assert sorted(p.name for p in (tmp_path / 'samples').iterdir()) == [
+      'step_0000002.png', 'step_0000003.png']
+  assert list((tmp_path / 'tensorboard').iterdir())
+  assert (tmp_path / 'config.json').exists() and (tmp_path / 'run_info.json').exists()
+  assert_states_equal(restored_state(tmp_path, config), state)
+
+
+def test_resume_equals_continuous(prepared, tmp_path):
+  straight = trainer.train_and_evaluate(tiny_config(prepared, num_steps=4), tmp_path / 'a')
+  trainer.train_and_evaluate(tiny_config(prepared, num_steps=2), tmp_path / 'b')
+  resumed = trainer.train_and_evaluate(tiny_config(prepared, num_steps=4), tmp_path / 'b')
+  assert_states_equal(straight, resumed)
+
+
+def test_multi_device_equals_single_device():
+  from tests_helpers import tiny_train_config, tiny_image_batch
+  config = tiny_train_config()
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    mesh = parallel.make_mesh(devices)
+    t = train.make_trainer(config, 4)
+    state = parallel.replicate(train.init_state(t, jax.random.PRNGKey(0), 32, 0.1), mesh)
+    step = parallel.sharded_train_step(t, mesh)
+    for i in range(3):
+      state, _ = step(state, parallel.global_batch(tiny_image_batch(seed=i), mesh))
+    results.append(jax.device_get(state))
+  assert len(jax.devices()) >= 4
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_config_values_give_one_line_errors(prepared, tmp_path, capsys):
+  config = tiny_config(prepared, num_steps=1)
+  config.train.global_batch_size = 6  # 4 simulated devices
+  assert launcher.run(config, tmp_path / 'a') == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error: config.train.global_batch_size=6') and '\n' not in err
+  config = tiny_config(prepared, num_steps=1)
+  config.model.norm = 'group'
+  assert launcher.run(config, tmp_path / 'b') == 2
+  assert "config.model.norm='group'" in capsys.readouterr().err
+
+
+def test_incompatible_checkpoint_is_a_clear_error(prepared, tmp_path, capsys):
+  trainer.train_and_evaluate(tiny_config(prepared, num_steps=1), tmp_path)
+  config = tiny_config(prepared, num_steps=2)
+  config.model.ngf = 16
+  assert launcher.run(config, tmp_path) == 2
+  assert 'trained with model.ngf=8 but the config has 16' in capsys.readouterr().err
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(prepared, tmp_path):
+  steps = 40
+  overrides = [f'--config.data.prepared_dir={prepared}', '--config.data.image_size=32',
+               '--config.model.ngf=8', '--config.model.num_blocks=1',
+               '--config.train.global_batch_size=4', f'--config.train.num_steps={steps}',
+               '--config.train.log_every=1', '--config.train.checkpoint_every=1000',
+               '--config.train.sample_every=1000', '--config.train.evaluate_at_end=False']
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+  process = subprocess.Popen(
+      [sys.executable, 'launch.py', '--config=configs/demo.py', f'--workdir={tmp_path / "run"}',
+       *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in process.stdout:  # Signal once training is under way.
+    if line.startswith('step 2/'):
+      process.send_signal(signal.SIGTERM)
+      break
+  output = process.stdout.read()
+  assert process.wait(timeout=120) == 0, output
+  assert 'stopped by SIGTERM' in output
+  stopped_at = checkpoints.make_manager(tmp_path / 'run').latest_step()
+  assert 2 <= stopped_at < steps
+  config = tiny_config(prepared, num_steps=steps, checkpoint_every=1000, sample_every=1000)
+  resumed = trainer.train_and_evaluate(config, tmp_path / 'run')
+  straight = trainer.train_and_evaluate(config, tmp_path / 'straight')
+  assert_states_equal(straight, resumed)
