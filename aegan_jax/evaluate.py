@@ -28,17 +28,24 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import itertools
 import json
 import math
 import pathlib
 import time
 
+import jax
+import jax.numpy as jnp
+import nibabel as nib
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 
 from aegan_jax import data
+from aegan_jax import metrics
+from aegan_jax import models
 from aegan_jax import synthesize
+from data_prep import preprocess
 
 PROTOCOLS = ('aegan', 'volume', 'brasyn')
 METRICS = {'aegan': ('psnr', 'ssim', 'fsim', 'mae'),
@@ -114,24 +121,16 @@ def choose_baselines(prepared_dir, split, num_modalities) -> list[int]:
 # Metrics.
 
 
-@functools.lru_cache(maxsize=None)
-def _slice_metrics_fn():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from aegan_jax import metrics  # pylint: disable=g-import-not-at-top
-
-  @jax.jit
-  def fn(x, y):
-    return {'psnr': jnp.minimum(metrics.psnr(x, y, data_range=1.0), PSNR_CAP),
-            'ssim': metrics.ssim(x, y, data_range=1.0),
-            'fsim': metrics.fsim(x, y, data_range=1.0),
-            'mae': metrics.mae(x, y, data_range=1.0)}
-  return fn
+@jax.jit
+def _slice_metrics(x, y):
+  return {'psnr': jnp.minimum(metrics.psnr(x, y, data_range=1.0), PSNR_CAP),
+          'ssim': metrics.ssim(x, y, data_range=1.0),
+          'fsim': metrics.fsim(x, y, data_range=1.0),
+          'mae': metrics.mae(x, y, data_range=1.0)}
 
 
 def slice_metrics(synthesised, real, batch_size) -> dict[str, np.ndarray]:
   """aegan protocol per slice: [S, H, W] in [-1, 1] -> {metric: [S]}; fixed-size jit batches."""
-  fn = _slice_metrics_fn()
   x, y = to_unit(synthesised), to_unit(real)
   out = {m: [] for m in METRICS['aegan']}
   for start in range(0, len(x), batch_size):
@@ -140,14 +139,13 @@ def slice_metrics(synthesised, real, batch_size) -> dict[str, np.ndarray]:
     if pad:
       zeros = np.zeros((pad,) + xs.shape[1:], np.float32)
       xs, ys = np.concatenate([xs, zeros]), np.concatenate([ys, zeros + 0.5])
-    for name, values in fn(xs, ys).items():
+    for name, values in _slice_metrics(xs, ys).items():
       out[name].append(np.asarray(values)[:len(values) - pad])
   return {name: np.concatenate(values) for name, values in out.items()}
 
 
 def _ssim_volume(x, y, mask, data_range) -> float:
   """SSIM of [X, Y, Z] volumes: 3D with >= 11 slices, else the mean masked 2D SSIM."""
-  from aegan_jax import metrics  # pylint: disable=g-import-not-at-top
   if not mask.any():
     return math.nan
   x, y, mask = (np.moveaxis(v, -1, 0) for v in (x, y, mask))  # [Z, X, Y]
@@ -164,7 +162,6 @@ def _flat_metric(fn, x, y, mask, data_range) -> float:
 
 
 def volume_metrics(synthesised, real, brain) -> dict[str, float]:
-  from aegan_jax import metrics  # pylint: disable=g-import-not-at-top
   values = real[brain]
   data_range = float(values.max() - values.min()) if values.size else 0.0
   if data_range <= 0:
@@ -184,7 +181,6 @@ def brasyn_scale(volume, brain) -> np.ndarray:
 
 
 def brasyn_metrics(synthesised, real, brain, seg) -> dict[str, float]:
-  from aegan_jax import metrics  # pylint: disable=g-import-not-at-top
   x, y = brasyn_scale(synthesised, brain), brasyn_scale(real, brain)
   out = {'psnr': min(_flat_metric(metrics.psnr, x, y, brain, 1.0), PSNR_CAP),
          'ssim': _ssim_volume(x, y, brain, 1.0),
@@ -210,7 +206,6 @@ class SubjectVolumes:
 
 def _read_source(entry, modalities):
   """The original volumes at the selected slices, or None when a file is unavailable."""
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
   paths = [entry.get('files', {}).get(m) for m in modalities]
   if not all(p and pathlib.Path(p).is_file() for p in paths):
     return None
@@ -228,7 +223,6 @@ def _read_source(entry, modalities):
 
 def _invert(slices, entry, options, fill, labels=False):
   """[S, H, W] prepared slices -> [X, Y, S] on the original grid."""
-  from data_prep import preprocess  # pylint: disable=g-import-not-at-top
   x, y, _ = entry['shape']
   return preprocess.slices_to_volume(slices, (x, y, len(slices)), range(len(slices)),
                                      options['geometry'], fill=fill, labels=labels)
@@ -236,7 +230,6 @@ def _invert(slices, entry, options, fill, labels=False):
 
 def subject_volumes(subject: Subject, entry, manifest) -> SubjectVolumes:
   """Real volumes from the source NIfTI files named in the manifest, else inverted slices."""
-  from data_prep import preprocess  # pylint: disable=g-import-not-at-top
   modalities, options = manifest['modalities'], manifest['options']
   fill = manifest['background_value']
   source = _read_source(entry, modalities)
@@ -254,7 +247,6 @@ def subject_volumes(subject: Subject, entry, manifest) -> SubjectVolumes:
 
 def synthesised_volume(slices, entry, manifest, target, brain) -> np.ndarray:
   """[S, H, W] synthesised prepared slices -> [X, Y, S] at the target's original intensities."""
-  from data_prep import preprocess  # pylint: disable=g-import-not-at-top
   volume = _invert(slices, entry, manifest['options'], manifest['background_value'])
   return preprocess.denormalise(volume, entry['normalisation'][target], brain_mask=brain)
 
@@ -394,7 +386,6 @@ def _display(image, low=-1.0, high=1.0):
 
 def write_grid(target_index, picks, modalities, path) -> None:
   """Rows: (label, grid material); columns: inputs, synthesis, target, |error| x2."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   inputs = [i for i in range(len(modalities)) if i != target_index]
   titles = [modalities[i] for i in inputs] + ['synthesis', f'real {modalities[target_index]}',
                                               '|error| x2']
@@ -453,8 +444,6 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
     baselines, summary {method: {protocol: {target: {metric: {mean, std, n}}}}},
     scalars {'<protocol>/<target>/<metric>': mean, 'baseline/...': ...}, paths.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from aegan_jax import models  # pylint: disable=g-import-not-at-top
   main_process = jax.process_index() == 0
   log = log if main_process else (lambda *a, **k: None)
   start = time.perf_counter()

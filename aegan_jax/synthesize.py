@@ -32,7 +32,19 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import nibabel as nib
 import numpy as np
+
+from aegan_jax import checkpoints
+from aegan_jax import modalities as modalities_lib
+from aegan_jax import models
+from data_prep import layouts
+from data_prep import preprocess
+from data_prep.errors import DataError
 
 INTENSITY_SCALE = 1000.0
 BRASYN_TOKENS = {'t1': 't1n', 't1ce': 't1c', 't2': 't2w', 'flair': 't2f'}
@@ -48,16 +60,12 @@ class SynthesisError(ValueError):
 
 
 def make_mesh():
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.sharding.Mesh(np.array(jax.devices()), ('data',))
 
 
 def abstract_generator_variables(generator, image_size, num_modalities, sharding=None):
   """Shapes and dtypes of the generator's variables (nothing is allocated)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from aegan_jax import modalities  # pylint: disable=g-import-not-at-top
-  channels = modalities.generator_input_channels(num_modalities)
+  channels = modalities_lib.generator_input_channels(num_modalities)
   shapes = jax.eval_shape(lambda: generator.init(
       {'params': jax.random.PRNGKey(0)},
       jnp.zeros((1, image_size, image_size, channels)), train=False))
@@ -74,8 +82,6 @@ class Synthesizer:
 
   def __init__(self, generator, variables, config, *, step=None, batch_size=DEFAULT_BATCH_SIZE,
                mesh=None):
-    import jax  # pylint: disable=g-import-not-at-top
-    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
     self.generator, self.config, self.step = generator, config, step
     self.mesh = mesh or make_mesh()
     devices = self.mesh.devices.size
@@ -92,8 +98,6 @@ class Synthesizer:
 
     Without `config`, the one stored in the checkpoint is used.
     """
-    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-    from aegan_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
     if config is None:
       _, config = checkpoints.read_checkpoint_config(workdir, step)
     num_modalities = len(config.data.modalities)
@@ -106,18 +110,14 @@ class Synthesizer:
     return cls(generator, variables, config, step=step, batch_size=batch_size, mesh=mesh)
 
   def _forward(self, variables, images, target_index):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from aegan_jax import modalities  # pylint: disable=g-import-not-at-top
-    x = modalities.assemble_generator_input(images, target_index, xp=jnp)
+    x = modalities_lib.assemble_generator_input(images, target_index, xp=jnp)
     return self.generator.apply(variables, x, train=False)[..., 0].astype(jnp.float32)
 
   def _put(self, array):
-    import jax  # pylint: disable=g-import-not-at-top
     # Works on one or many processes, as long as every process passes the same array.
     return jax.make_array_from_callback(array.shape, self._batch, lambda index: array[index])
 
   def _get(self, array):
-    import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return np.asarray(multihost_utils.process_allgather(array, tiled=True))
@@ -130,17 +130,20 @@ class Synthesizer:
     """
     images = np.asarray(images, np.float32)
     targets = np.broadcast_to(np.asarray(target_index, np.int32), images.shape[:1])
-    outputs = []
+    outputs, pads = [], []
     for start in range(0, len(images), self.batch_size):
-      chunk, chunk_targets = images[start:start + self.batch_size], targets[start:start + self.batch_size]
+      chunk = images[start:start + self.batch_size]
+      chunk_targets = targets[start:start + self.batch_size]
       pad = self.batch_size - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
         chunk_targets = np.concatenate([chunk_targets, np.zeros(pad, np.int32)])
-      out = self._get(self._apply(self.variables, self._put(chunk), self._put(chunk_targets)))
-      outputs.append(out[:len(out) - pad])
+      # Dispatch every batch before fetching any: transfers overlap the computation.
+      outputs.append(self._apply(self.variables, self._put(chunk), self._put(chunk_targets)))
+      pads.append(pad)
     if not outputs:
       return np.zeros((0,) + images.shape[1:3], np.float32)
+    outputs = [self._get(out)[:self.batch_size - pad] for out, pad in zip(outputs, pads)]
     return np.concatenate(outputs)
 
 
@@ -175,7 +178,6 @@ def choose_targets(case, modalities, *, target=None, all_targets=False) -> list[
 
 
 def _load_image(path):
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
   try:
     image = nib.load(path)
     shape = tuple(int(s) for s in image.shape)
@@ -205,7 +207,6 @@ def check_headers(case, inputs) -> tuple[object, tuple]:
 
 
 def read_volume(path, shape) -> np.ndarray:
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
   try:
     data = np.asarray(nib.load(path).dataobj, np.float32).reshape(shape)
   except Exception as e:
@@ -222,7 +223,6 @@ def preprocess_inputs(volumes, modalities, data_config) -> np.ndarray:
   generator never reads the target channel.  Modalities run in parallel threads
   (numpy releases the GIL in the resize).
   """
-  from data_prep import preprocess  # pylint: disable=g-import-not-at-top
   shape = next(iter(volumes.values())).shape
   size, fill = data_config.image_size, preprocess.background_value(data_config.normalise)
   images = np.full((shape[2], size, size, len(modalities)), fill, np.float32)
@@ -248,7 +248,6 @@ def brain_mask(volumes, exclude=()) -> np.ndarray:
 
 def postprocess(synthesised, brain, data_config, scale=INTENSITY_SCALE) -> np.ndarray:
   """[Z, S, S] tanh slices -> [X, Y, Z] volume in [0, scale], zero outside `brain`."""
-  from data_prep import preprocess  # pylint: disable=g-import-not-at-top
   volume = preprocess.slices_to_volume(synthesised, brain.shape, range(brain.shape[2]),
                                        data_config.geometry, fill=-1.0).astype(np.float32)
   # In place: these volumes are large (36 MB at 240x240x155) and the host side dominates.
@@ -273,7 +272,6 @@ def output_path(case, target, out_dir, naming) -> pathlib.Path:
 
 def write_nifti(volume, reference, path) -> None:
   """Writes float32 `volume` with `reference`'s affine and header, atomically."""
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   header = reference.header.copy()
@@ -387,8 +385,6 @@ def parse_args(argv):
 
 
 def run(args) -> list[pathlib.Path]:
-  from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from data_prep import layouts  # pylint: disable=g-import-not-at-top
   step, config = checkpoints.read_checkpoint_config(args.workdir, args.step)
   cases = layouts.find_cases(args.input, config.data.get('dataset', 'auto'))
   jobs = plan_jobs(cases, config.data, target=args.target,
@@ -420,8 +416,6 @@ def _summary(seconds) -> str:
 
 
 def main(argv=None) -> int:
-  from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top
   args = parse_args(argv)
   try:
     run(args)

@@ -102,6 +102,12 @@ def test_all_targets_and_explicit_target(workdir, raw, tmp_path):
              tmp_path / 'all', '--all-targets', '--naming', 'brasyn') == 0
   assert sorted(p.name for p in (tmp_path / 'all').iterdir()) == [
       f'BraTS20_Training_002-{t}.nii.gz' for t in ('t1c', 't1n', 't2f', 't2w')]
+  # Each target's brain mask is the union of the other three inputs.
+  case = raw / 'BraTS20_Training_002'
+  others = np.any([np.asarray(nib.load(case / f'BraTS20_Training_002_{m}.nii.gz').dataobj) != 0
+                   for m in ('t1ce', 't2', 'flair')], axis=0)
+  t1 = np.asarray(nib.load(tmp_path / 'all' / 'BraTS20_Training_002-t1n.nii.gz').dataobj)
+  assert (t1[~others] == 0).all() and (t1[others] != 0).mean() > 0.9
   assert run('--workdir', workdir, '--input', raw / 'BraTS20_Training_002', '--output',
              tmp_path / 'one', '--target', 't2') == 0
   assert (tmp_path / 'one' / 'BraTS20_Training_002' / 'BraTS20_Training_002_t2.nii.gz').is_file()
