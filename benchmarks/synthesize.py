@@ -43,7 +43,10 @@ def parse_args(argv):
   parser.add_argument('--dtype', default='float32', help='compute dtype (float32 | bfloat16)')
   parser.add_argument('--workdir', type=pathlib.Path, help='use this checkpoint instead')
   parser.add_argument('--json', type=pathlib.Path, help='also write the figures here')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.volumes < 1:
+    parser.error('--volumes must be at least 1')
+  return args
 
 
 def make_synthesizer(args):
