@@ -12,15 +12,16 @@ def run(config, workdir, *, mode='train', step=None, coordinator_address=None,
         num_processes=None, process_id=None) -> int:
   """Runs `mode`; user mistakes print one `error:` line and return 2."""
   parallel.maybe_initialize_distributed(coordinator_address, num_processes, process_id)
+  from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
   from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top
   try:
     if mode == 'train':
       trainer.train_and_evaluate(config, workdir)
     else:
-      from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
       trainer.validate_config(config)
       evaluate.evaluate(config, workdir, step=step)
-  except (trainer.ConfigError, checkpoints.CheckpointError, DataError) as e:
+  except (trainer.ConfigError, checkpoints.CheckpointError, evaluate.EvaluationError,
+          DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except trainer.TrainingDiverged as e:
