@@ -60,8 +60,9 @@ def assert_states_equal(a, b):
     np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
 
 
-def test_train_writes_checkpoints_samples_logs_and_run_info(prepared, tmp_path):
+def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path):
   config = tiny_config(prepared, num_steps=3)
+  config.train.evaluate_at_end = True
   state = trainer.train_and_evaluate(config, tmp_path)
   assert int(state.step) == 3
   manager = checkpoints.make_manager(tmp_path)
@@ -71,6 +72,11 @@ def test_train_writes_checkpoints_samples_logs_and_run_info(prepared, tmp_path):
   assert list((tmp_path / 'tensorboard').iterdir())
   assert (tmp_path / 'config.json').exists() and (tmp_path / 'run_info.json').exists()
   assert_states_equal(restored_state(tmp_path, config), state)
+  for name in ('metrics.json', 'metrics.csv', 'metrics.md'):
+    assert (tmp_path / 'eval' / '3' / name).exists()
+  # --mode=evaluate restores an earlier step by itself.
+  assert launcher.run(config, tmp_path, mode='evaluate', step=2) == 0
+  assert (tmp_path / 'eval' / '2' / 'metrics.json').exists()
 
 
 def test_resume_equals_continuous(prepared, tmp_path):
@@ -141,3 +147,13 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(prepared, tmp_path):
   resumed = trainer.train_and_evaluate(config, tmp_path / 'run')
   straight = trainer.train_and_evaluate(config, tmp_path / 'straight')
   assert_states_equal(straight, resumed)
+
+
+def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(
+    prepared, tmp_path, capsys):
+  config = tiny_config(prepared, num_steps=5, checkpoint_every=1)
+  config.optim.learning_rate = 1e38  # The first update overflows the weights.
+  assert launcher.run(config, tmp_path) == 1
+  err = capsys.readouterr().err
+  assert err.startswith('error: step 2: loss_') and ('nan' in err or 'inf' in err)
+  assert checkpoints.make_manager(tmp_path).all_steps() == [1]
