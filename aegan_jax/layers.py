@@ -184,25 +184,6 @@ class ChannelAttention(nn.Module):
     return x + x * weights[:, None, None, :]
 
 
-class HalfDropout(nn.Module):
-  """Dropout with rate 0.5 (the official ResNet-block dropout), scaling kept units by 2.
-
-  Each random 32-bit word supplies 32 fair coin flips, so the mask costs 1/32
-  of the random bits of `nn.Dropout`: threefry dominated the CPU training step.
-  Like every jax.random draw here, the mask does not depend on device count.
-  """
-
-  @nn.compact
-  def __call__(self, x, *, deterministic: bool):
-    if deterministic:
-      return x
-    words = -(-x.size // 32)
-    bits = jax.random.bits(self.make_rng('dropout'), (words,), jnp.uint32)
-    shifts = jnp.arange(32, dtype=jnp.uint32)
-    keep = ((bits[:, None] >> shifts) & 1).astype(bool).reshape(-1)[:x.size].reshape(x.shape)
-    return jnp.where(keep, x * 2, jnp.zeros_like(x))
-
-
 class ResnetBlock(nn.Module):
   """x + [reflect-pad 1, conv3x3, norm, ReLU, dropout 0.5, reflect-pad 1, conv3x3, norm]."""
   norm: str = 'batch'
@@ -218,7 +199,7 @@ class ResnetBlock(nn.Module):
     h = conv(features, 3, use_bias=use_bias, name='conv_0', **kw)(reflect_pad(x, 1))
     h = nn.relu(make_norm(self.norm, 'norm_0', **kw)(h, train=train))
     if self.use_dropout:
-      h = HalfDropout()(h, deterministic=not train)
+      h = nn.Dropout(0.5, deterministic=not train)(h)
     h = conv(features, 3, use_bias=use_bias, name='conv_1', **kw)(reflect_pad(h, 1))
     return x + make_norm(self.norm, 'norm_1', **kw)(h, train=train)
 

@@ -83,7 +83,8 @@ def make_trainer(config, num_modalities: int) -> Trainer:
   generator, autoencoder = models.build_networks(config.model, num_modalities)
   lr = learning_rate_schedule(config.optim.learning_rate, config.optim.lr_constant_steps,
                               config.optim.lr_decay_steps)
-  make_tx = lambda: optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2, eps=1e-8)
+  make_tx = lambda: optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2,
+                               eps=config.optim.eps)
   weights = LossWeights(gan_mode=config.loss.gan_mode, lambda_l1=config.loss.lambda_l1,
                         ae_lambda_l1=config.loss.ae_lambda_l1,
                         sr_decay_factor=config.loss.sr_decay_factor,

@@ -51,6 +51,7 @@ def get_config(arg=None):
   config.optim.learning_rate = 1e-4
   config.optim.b1 = 0.5
   config.optim.b2 = 0.999
+  config.optim.eps = 1e-8                  # Adam epsilon (torch default, official)
   config.optim.lr_constant_steps = 0       # official 'linear' policy: constant for this many
   config.optim.lr_decay_steps = 0          # steps, then linear decay to 0 (0: constant lr)
 

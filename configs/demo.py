@@ -19,13 +19,13 @@ def get_config(arg=None):
 
   config.model.ngf = 16
 
-  config.optim.learning_rate = 5e-4         # 5x the official rate: few steps to spend
+  config.optim.learning_rate = 1e-3         # 10x the official rate: few steps to spend
   config.loss.sr_decay_every = 0
 
-  config.train.global_batch_size = 8
-  config.train.num_steps = 600
+  config.train.global_batch_size = 4
+  config.train.num_steps = 1600
   config.train.num_epochs = 0
-  config.train.log_every = 50
-  config.train.checkpoint_every = 200
-  config.train.sample_every = 200
+  config.train.log_every = 100
+  config.train.checkpoint_every = 500
+  config.train.sample_every = 500
   return config

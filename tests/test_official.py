@@ -55,3 +55,17 @@ def test_unexpected_state_dict_is_a_clear_error(parity_fixture_path):
     official.load_generator(tensors)
   with pytest.raises(official.ImportError_, match='not an official AE-GAN autoencoder'):
     official.load_autoencoder(tensors)
+
+
+def test_pth_state_dict_is_read_without_unpickling_objects(parity_fixture_path, tmp_path):
+  torch = pytest.importorskip('torch')
+  tensors = official.read_state_dict(parity_fixture_path, 'G/')
+  state = {f'module.{k}': torch.from_numpy(v) for k, v in tensors.items()}  # DataParallel form
+  torch.save(state, tmp_path / 'latest_net_G.pth')
+  loaded = official.read_state_dict(tmp_path / 'latest_net_G.pth')
+  assert loaded.keys() == tensors.keys()
+  np.testing.assert_array_equal(loaded['decoder_0.0.weight'], tensors['decoder_0.0.weight'])
+  torch.save({'weights': object()}, tmp_path / 'pickled.pth')  # Arbitrary objects are refused.
+  with pytest.raises(official.ImportError_, match='not a plain PyTorch state dict'):
+    official.read_state_dict(tmp_path / 'pickled.pth')
+
