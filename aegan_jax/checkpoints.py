@@ -132,8 +132,8 @@ def restore_train_state(manager, step: int, template: train.TrainState,
                           sr_weight=progress['sr_weight'], rng=progress['rng'])
 
 
-def restore_generator(workdir, abstract_variables, step: int | None = None):
-  """(step, generator variables, meta) from `workdir`: the latest step unless given."""
+def _open_step(workdir, step: int | None):
+  """(read-only manager, step): the latest step unless given; one-line errors otherwise."""
   if not checkpoint_dir(workdir).is_dir():
     raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoints (train first, or import '
                           'official weights with python -m aegan_jax.official import)')
@@ -142,10 +142,16 @@ def restore_generator(workdir, abstract_variables, step: int | None = None):
   if not steps:
     raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoints')
   if step is None:
-    step = max(steps)
-  elif step not in steps:
+    return manager, max(steps)
+  if step not in steps:
     raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoint at step {step} '
                           f'(have {sorted(steps)})')
+  return manager, step
+
+
+def restore_generator(workdir, abstract_variables, step: int | None = None):
+  """(step, generator variables, meta) from `workdir`: the latest step unless given."""
+  manager, step = _open_step(workdir, step)
   restored = manager.restore(step, args=ocp.args.Composite(
       generator=ocp.args.StandardRestore(_abstract(abstract_variables)),
       meta=ocp.args.JsonRestore()))
@@ -156,15 +162,7 @@ def restore_generator(workdir, abstract_variables, step: int | None = None):
 def read_checkpoint_config(workdir, step: int | None = None):
   """(step, ConfigDict) stored with a checkpoint; evaluation needs no config file."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  if not checkpoint_dir(workdir).is_dir():
-    raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoints (train first, or import '
-                          'official weights with python -m aegan_jax.official import)')
-  manager = make_manager(workdir, read_only=True)
-  steps = manager.all_steps()
-  if not steps or (step is not None and step not in steps):
-    raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoint'
-                          + (f' at step {step} (have {sorted(steps)})' if step is not None else ''))
-  step = max(steps) if step is None else step
+  manager, step = _open_step(workdir, step)
   meta = read_meta(manager, step)
   manager.close()
   return step, ml_collections.ConfigDict(meta['config'])

@@ -18,13 +18,13 @@ import dataclasses
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from aegan_jax import layers
 from aegan_jax import losses
+from aegan_jax import modalities
 from aegan_jax import models
 
 PyTree = Any
@@ -95,8 +95,8 @@ def make_trainer(config, num_modalities: int) -> Trainer:
 def init_state(trainer: Trainer, rng, image_size: int, sr_weight: float) -> TrainState:
   """Fresh state (official init: N(0, 0.02) weights, BN gamma ~ N(1, 0.02))."""
   g_rng, ae_rng, train_rng = jax.random.split(rng, 3)
-  channels = trainer.generator.num_modalities - 1
-  g_input = jnp.zeros((1, image_size, image_size, channels * (trainer.generator.num_modalities + 1)))
+  channels = modalities.generator_input_channels(trainer.generator.num_modalities)
+  g_input = jnp.zeros((1, image_size, image_size, channels))
   ae_input = jnp.zeros((1, image_size, image_size, 1))
   g_vars = trainer.generator.init({'params': g_rng}, g_input, train=False)
   ae_vars = trainer.autoencoder.init({'params': ae_rng}, ae_input, train=False)
@@ -226,7 +226,3 @@ def _learning_rate(trainer, step):
   lr = trainer.learning_rate
   return jnp.asarray(lr(step) if callable(lr) else lr, jnp.float32)
 
-
-def synthesize(generator: nn.Module, variables, generator_input):
-  """Test-time synthesis: eval mode (running BN statistics, no dropout)."""
-  return generator.apply(variables, generator_input, train=False)

@@ -12,12 +12,10 @@ import math
 import pathlib
 import platform
 import signal
-import sys
 import time
 from importlib import metadata
 
 import jax
-import numpy as np
 
 from aegan_jax import checkpoints
 from aegan_jax import data
