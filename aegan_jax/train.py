@@ -112,6 +112,11 @@ def init_state(trainer: Trainer, rng, image_size: int, sr_weight: float) -> Trai
                     rng=train_rng)
 
 
+def _stats(collections, name='batch_stats'):
+  """A mutable collection of an apply; absent (empty) with instance norm."""
+  return collections.get(name, {})
+
+
 def _replay_batch_stats(batch_stats, moments):
   """Applies a pass's recorded BatchNorm moments as a running-statistics update.
 
@@ -137,13 +142,13 @@ def _autoencoder_update(trainer, ae: NetworkState, target, synthesized, rng):
     out, state = apply({'params': params, 'batch_stats': ae.batch_stats}, target, train=True,
                        rngs={'dropout': real_rng}, mutable=['batch_stats', 'batch_moments'])
     reconstruction = jax.lax.stop_gradient(out.reconstruction)
-    synth_logits, s2 = apply({'params': params, 'batch_stats': state['batch_stats']},
+    synth_logits, s2 = apply({'params': params, 'batch_stats': _stats(state)},
                              synthesized, train=True, method='patch_logits',
                              rngs={'dropout': synth_rng}, mutable=['batch_stats'])
-    recon_logits, s3 = apply({'params': params, 'batch_stats': s2['batch_stats']},
+    recon_logits, s3 = apply({'params': params, 'batch_stats': _stats(s2)},
                              reconstruction, train=True, method='patch_logits',
                              rngs={'dropout': recon_rng}, mutable=['batch_stats'])
-    batch_stats = _replay_batch_stats(s3['batch_stats'], state['batch_moments'])
+    batch_stats = _replay_batch_stats(_stats(s3), _stats(state, 'batch_moments'))
     loss, terms = losses.autoencoder_loss(out.patch_logits, synth_logits, recon_logits,
                                           out.reconstruction, target,
                                           l1_weight=trainer.weights.ae_lambda_l1,
@@ -174,11 +179,11 @@ def _generator_loss_grads(trainer, ae: NetworkState, synthesized, features, targ
                                         sr_weight=sr_weight,
                                         l1_weight=trainer.weights.lambda_l1,
                                         gan_mode=trainer.weights.gan_mode)
-    return loss, (terms, s0['batch_stats'])
+    return loss, (terms, _stats(s0))
 
   grads, (terms, patch_pass_stats) = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
       synthesized, features)
-  batch_stats = _replay_batch_stats(patch_pass_stats, feature_pass['batch_moments'])
+  batch_stats = _replay_batch_stats(patch_pass_stats, _stats(feature_pass, 'batch_moments'))
   return grads, terms, batch_stats
 
 
@@ -193,7 +198,7 @@ def train_step(state: TrainState, batch, *, trainer: Trainer):
     (synth, feats), new_state = trainer.generator.apply(
         {'params': params, 'batch_stats': g.batch_stats}, batch['generator_input'], train=True,
         return_features=True, rngs={'dropout': g_rng}, mutable=['batch_stats'])
-    return (synth, feats), new_state['batch_stats']
+    return (synth, feats), _stats(new_state)
 
   (synth, feats), generator_pullback, g_batch_stats = jax.vjp(
       generator_forward, g.params, has_aux=True)

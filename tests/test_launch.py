@@ -35,6 +35,7 @@ def tiny_config(prepared_dir, **train_fields):
   config.data.image_size = 32
   config.model.ngf = 8
   config.model.num_blocks = 1
+  config.model.norm = 'batch'  # official; the running statistics go through checkpoints
   config.train.global_batch_size = 4
   config.train.log_every = 1
   config.train.checkpoint_every = 2
@@ -78,10 +79,15 @@ def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path):
   assert (tmp_path / 'eval' / '2' / 'metrics.json').exists()
 
 
-def test_resume_equals_continuous(prepared, tmp_path):
-  straight = trainer.train_and_evaluate(tiny_config(prepared, num_steps=4), tmp_path / 'a')
-  trainer.train_and_evaluate(tiny_config(prepared, num_steps=2), tmp_path / 'b')
-  resumed = trainer.train_and_evaluate(tiny_config(prepared, num_steps=4), tmp_path / 'b')
+@pytest.mark.parametrize('norm', ['batch', 'instance'])
+def test_resume_equals_continuous(prepared, tmp_path, norm):
+  def config(num_steps):
+    c = tiny_config(prepared, num_steps=num_steps)
+    c.model.norm = norm  # instance norm: no running statistics at all (the demo's choice)
+    return c
+  straight = trainer.train_and_evaluate(config(4), tmp_path / 'a')
+  trainer.train_and_evaluate(config(2), tmp_path / 'b')
+  resumed = trainer.train_and_evaluate(config(4), tmp_path / 'b')
   assert_states_equal(straight, resumed)
 
 
