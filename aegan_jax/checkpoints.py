@@ -123,7 +123,7 @@ def restore_train_state(manager, step: int, template: train.TrainState,
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   network = lambda name, opt: train.NetworkState(restored[name]['params'],
-                                                 restored[name]['batch_stats'],
+                                                 restored[name].get('batch_stats', {}),
                                                  restored['optimizer'][opt])
   progress = restored['progress']
   return train.TrainState(step=progress['step'],

@@ -37,6 +37,10 @@ class NetworkState:
   opt_state: PyTree
 
   def variables(self):
+    """Flax variables; instance norm keeps no statistics, so then only 'params'
+    (the same tree `init` gives, which checkpoint restore targets are built from)."""
+    if not self.batch_stats:
+      return {'params': self.params}
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 

@@ -4,22 +4,28 @@ r"""The offline demo: phantom BraTS-like data, a small AE-GAN, CPU-sized.
 
 It generates phantom subjects in <workdir>/raw, prepares them, trains, evaluates,
 and writes sample grids and metric tables, in under 10 minutes on 2 CPU cores.
+Only sizes and the optimisation budget differ from configs/brats.py.
 """
 from configs import brats
 
 
 def get_config(arg=None):
   config = brats.get_config(arg)
-  config.data.phantom_subjects = 10         # made in <workdir>/raw when it is empty
+  config.data.phantom_subjects = 60         # made in <workdir>/raw when it is empty (~15 s)
   config.data.phantom_shape = (120, 120, 78)
   config.data.phantom_seed = 0
   config.data.image_size = 64
   config.data.slices = 'range:30:48'        # central axial slices
-  config.data.split_ratios = (0.7, 0.1, 0.2)
+  config.data.split_ratios = (0.8, 0.05, 0.15)  # 48 / 3 / 9 subjects
 
   config.model.ngf = 16
+  # Instance norm, an official option: with batch 4 and 1600 steps it learns the
+  # anatomy much sooner than batch norm does (measured in README, "The demo").
+  config.model.norm = 'instance'
 
   config.optim.learning_rate = 1e-3         # 10x the official rate: few steps to spend
+  config.optim.lr_constant_steps = 1000     # then linear decay to 0 (official 'linear' policy)
+  config.optim.lr_decay_steps = 600
   config.loss.sr_decay_every = 0
 
   config.train.global_batch_size = 4

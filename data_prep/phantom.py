@@ -4,8 +4,10 @@ Each subject: an ellipsoidal brain whose outline, cortical ribbon, sulci,
 deep grey matter and ventricles are bent by smooth random fields; most
 subjects carry a tumour (necrotic core, enhancing rim, edema).  Tissues get
 MRI-like contrasts per modality (T1: WM > GM > CSF; T1ce: T1 plus a bright
-enhancing rim; T2: CSF and edema bright; FLAIR: CSF dark, edema bright), then
-per-modality smooth texture, a multiplicative bias field and Rician noise.
+enhancing rim and a stronger grey/white contrast; T2: CSF and edema bright;
+FLAIR: CSF dark, edema bright), then smooth texture, a multiplicative bias
+field (mostly the coil's, shared by all sequences of a subject) and Rician
+noise.
 Background is exactly zero.  Everything is a function of (seed, subject index,
 shape), so files are reproducible byte for byte.
 
@@ -38,11 +40,13 @@ TISSUES = ('csf', 'gm', 'wm', 'necrosis', 'enhancing', 'edema')
 CSF, GM, WM, NECROSIS, ENHANCING, EDEMA = range(len(TISSUES))
 TUMOUR_PROBABILITY = 0.85
 
-# Mean signal per tissue and modality (arbitrary scanner units).
+# Mean signal per tissue and modality (arbitrary scanner units).  T1 is
+# spin-echo-like (weak grey/white contrast), T1ce gradient-echo-like (strong),
+# so neither is a near copy of the other; each subject jitters them by +-4%.
 #                    csf    gm    wm  necrosis enhancing edema
 CONTRAST = {
-    't1':    np.array([300., 650., 900., 350., 620., 560.]),
-    't1ce':  np.array([320., 700., 920., 380., 1500., 600.]),
+    't1':    np.array([420., 640., 800., 450., 600., 560.]),
+    't1ce':  np.array([200., 560., 900., 260., 1500., 500.]),
     't2':    np.array([1800., 650., 420., 1400., 900., 1250.]),
     'flair': np.array([150., 600., 430., 500., 750., 1150.]),
 }
@@ -182,16 +186,18 @@ def make_subject(rng, shape=(240, 240, 155)):
 
   texture_controls = _scaled(box_shape, (20, 20, 14))
   shared_texture = coarse_noise(rng, texture_controls)
+  # The receive coil's sensitivity is common to all sequences of a session.
+  shared_bias = upsample(coarse_noise(rng, (3, 3, 3)), texture_controls)
   volumes = {}
   for modality in MODALITIES:
-    contrast = CONTRAST[modality] * rng.uniform(0.9, 1.1, len(TISSUES))
+    contrast = CONTRAST[modality] * rng.uniform(0.96, 1.04, len(TISSUES))
     signal = contrast.astype(np.float32)[tissue]
     signal = ndimage.gaussian_filter(signal, 0.6, truncate=2.5)
     # Texture (shared anatomy + own) and bias field, summed while coarse.
     bias = upsample(coarse_noise(rng, (3, 3, 3)), texture_controls)
     log_gain = (0.04 * rng.choice([-1, 1]) * shared_texture
                 + 0.03 * coarse_noise(rng, texture_controls)
-                + rng.uniform(0.06, 0.15) * bias
+                + rng.uniform(0.06, 0.15) * shared_bias + 0.02 * bias
                 + np.log(rng.uniform(0.6, 1.6)))
     modulation = np.exp(upsample(log_gain.astype(np.float32), box_shape))
     signal *= modulation

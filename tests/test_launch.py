@@ -89,6 +89,8 @@ def test_resume_equals_continuous(prepared, tmp_path, norm):
   trainer.train_and_evaluate(config(2), tmp_path / 'b')
   resumed = trainer.train_and_evaluate(config(4), tmp_path / 'b')
   assert_states_equal(straight, resumed)
+  assert launcher.run(config(4), tmp_path / 'b', mode='evaluate') == 0  # generator alone
+  assert (tmp_path / 'b' / 'eval' / '4' / 'metrics.json').exists()
 
 
 def test_multi_device_equals_single_device():
@@ -139,7 +141,7 @@ def test_incompatible_checkpoint_is_a_clear_error(prepared, tmp_path, capsys):
 def test_sigterm_saves_and_resume_matches_uninterrupted(prepared, tmp_path):
   steps = 40
   overrides = [f'--config.data.prepared_dir={prepared}', '--config.data.image_size=32',
-               '--config.model.ngf=8', '--config.model.num_blocks=1',
+               '--config.model.ngf=8', '--config.model.num_blocks=1', '--config.model.norm=batch',
                '--config.train.global_batch_size=4', f'--config.train.num_steps={steps}',
                '--config.train.log_every=1', '--config.train.checkpoint_every=1000',
                '--config.train.sample_every=1000', '--config.train.evaluate_at_end=False']
