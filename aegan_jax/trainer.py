@@ -11,7 +11,9 @@ import json
 import math
 import pathlib
 import platform
+import shutil
 import signal
+import sys
 import time
 from importlib import metadata
 
@@ -108,15 +110,27 @@ def _raw_dir(config, workdir) -> pathlib.Path:
   raw = pathlib.Path(config.data.raw_dir or workdir / 'raw')
   subjects = config.data.get('phantom_subjects', 0)
   if subjects > 0 and not (raw.exists() and any(raw.iterdir())):
-    from data_prep import phantom  # pylint: disable=g-import-not-at-top
     log(f'generating {subjects} phantom subjects in {raw}')
-    phantom.write_phantom_dataset(raw, subjects, seed=config.data.phantom_seed,
-                                  shape=tuple(config.data.phantom_shape))
+    _write_phantom(raw, subjects, config.data.phantom_seed, tuple(config.data.phantom_shape))
   if not config.data.raw_dir and subjects <= 0:
     raise ConfigError('config.data.raw_dir is empty and no prepared data was found: set '
                       '--config.data.raw_dir to the raw NIfTI folder, or '
                       '--config.data.prepared_dir to a prepared one')
   return raw
+
+
+def _write_phantom(raw: pathlib.Path, subjects: int, seed: int, shape) -> None:
+  """Writes next to `raw`, then renames: an interrupted run leaves no partial dataset
+  that the next run would take for a complete one."""
+  from data_prep import phantom  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  partial = raw.with_name(raw.name + '.partial')
+  shutil.rmtree(partial, ignore_errors=True)
+  for index in tqdm(range(subjects), desc='phantom', unit='subject', file=sys.stderr):
+    phantom.write_subject(partial, index, seed, shape)
+  if raw.exists():
+    raw.rmdir()  # Empty: checked by the caller.
+  partial.rename(raw)
 
 
 def check_data_matches(config, manifest: dict, prepared: str) -> None:

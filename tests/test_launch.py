@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from aegan_jax import checkpoints
+from aegan_jax import data
 from aegan_jax import launcher
 from aegan_jax import parallel
 from aegan_jax import train
@@ -173,3 +174,19 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(
   err = capsys.readouterr().err
   assert err.startswith('error: step 3: loss_') and ('nan' in err or 'inf' in err), err
   assert checkpoints.make_manager(tmp_path).all_steps() == [2]
+
+
+def test_demo_data_is_generated_whole_then_prepared(tmp_path):
+  config = demo.get_config()
+  config.data.phantom_subjects = 3
+  config.data.phantom_shape = (40, 40, 24)
+  config.data.slices = 'range:8:16'
+  config.data.image_size = 32
+  config.data.split_ratios = (0.34, 0.33, 0.33)
+  (tmp_path / 'raw.partial').mkdir()  # left by an interrupted run: started afresh
+  (tmp_path / 'raw.partial' / 'junk').write_text('x')
+  prepared = trainer.ensure_prepared(config, tmp_path)
+  assert sorted(p.name for p in (tmp_path / 'raw').iterdir()) == [
+      'BraTS20_Training_001', 'BraTS20_Training_002', 'BraTS20_Training_003']
+  assert not (tmp_path / 'raw.partial').exists()
+  assert data.num_examples(prepared, 'train') == 8
