@@ -342,7 +342,10 @@ def markdown(report) -> str:
            f'workdir `{report["workdir"]}`; real volumes from {report["volume_reference"]}. '
            'Mean ± std over subjects. Baseline: the named input modality copied as '
            'the synthesis (the best one per target by mean aegan-PSNR on this split); '
-           '*margin* = AE-GAN − baseline.', '']
+           '*margin* = AE-GAN − baseline. Generator run ' +
+           ('as the official test.py runs it (each slice alone in train mode, dropout on).'
+            if report.get('official_test_mode') else
+            'in eval mode (BatchNorm running statistics, no dropout).'), '']
   for protocol in PROTOCOLS:
     metrics = METRICS[protocol]
     lines += [f'## {PROTOCOL_TITLES[protocol]}', '',
@@ -455,12 +458,14 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
                           f'{list(config.data.modalities)}')
   evaluated_split = resolve_split(prepared_dir, split, log)
   if variables is None:
-    synthesizer = synthesize.Synthesizer.restore(workdir, step=step, config=config,
-                                                 batch_size=batch_size)
+    synthesizer = synthesize.Synthesizer.restore(
+        workdir, step=step, config=config, batch_size=batch_size,
+        official_test_mode=synthesize.official_test_mode(config))
   else:
     generator, _ = models.build_networks(config.model, len(modalities))
-    synthesizer = synthesize.Synthesizer(generator, variables, config, step=step,
-                                         batch_size=batch_size)
+    synthesizer = synthesize.Synthesizer(
+        generator, variables, config, step=step, batch_size=batch_size,
+        official_test_mode=synthesize.official_test_mode(config))
   step = synthesizer.step
   baselines = choose_baselines(prepared_dir, evaluated_split, len(modalities))
   num_subjects = manifest['splits'][evaluated_split]['subjects']
@@ -488,6 +493,7 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / str(step))
   report = {
       'step': step, 'split': evaluated_split, 'requested_split': split,
+      'official_test_mode': synthesizer.official_test_mode,
       'workdir': str(pathlib.Path(workdir).resolve()), 'prepared_dir': str(prepared_dir),
       'modalities': modalities, 'num_subjects': len(grids), 'num_slices': num_slices,
       'volume_reference': ' and '.join(sorted(sources)),

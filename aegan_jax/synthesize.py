@@ -73,27 +73,39 @@ def abstract_generator_variables(generator, image_size, num_modalities, sharding
                       shapes)
 
 
+def official_test_mode(config) -> bool:
+  """`config.eval.official_test_mode`; False for configs stored before it existed."""
+  return bool(config.get('eval', {}).get('official_test_mode', False))
+
+
 class Synthesizer:
-  """A generator in eval mode, jit-compiled, replicated, batch sharded on 'data'.
+  """A generator, jit-compiled, replicated, batch sharded on 'data'.
+
+  Default: eval mode (BatchNorm running statistics, no dropout).  With
+  `official_test_mode`, each slice runs like the official test.py runs it: train
+  mode with a batch of one (BatchNorm statistics of that slice alone) and dropout
+  active, its mask drawn from the slice's position in the call.
 
   Every call runs fixed-size batches (`batch_size`, a multiple of the device
   count; the last one zero padded), so it compiles once.
   """
 
   def __init__(self, generator, variables, config, *, step=None, batch_size=DEFAULT_BATCH_SIZE,
-               mesh=None):
+               mesh=None, official_test_mode=False):
     self.generator, self.config, self.step = generator, config, step
+    self.official_test_mode = official_test_mode
     self.mesh = mesh or make_mesh()
     devices = self.mesh.devices.size
     self.batch_size = -(-max(batch_size, 1) // devices) * devices
     self._replicated = NamedSharding(self.mesh, P())
     self._batch = NamedSharding(self.mesh, P('data'))
     self.variables = jax.device_put(variables, self._replicated)
-    self._apply = jax.jit(self._forward, in_shardings=(self._replicated, self._batch, self._batch),
+    self._apply = jax.jit(self._forward, in_shardings=(self._replicated,) + (self._batch,) * 3,
                           out_shardings=self._batch)
 
   @classmethod
-  def restore(cls, workdir, *, step=None, config=None, batch_size=DEFAULT_BATCH_SIZE):
+  def restore(cls, workdir, *, step=None, config=None, batch_size=DEFAULT_BATCH_SIZE,
+              official_test_mode=False):
     """The generator of `workdir`'s checkpoint (latest unless `step`), on all devices.
 
     Without `config`, the one stored in the checkpoint is used.
@@ -107,11 +119,20 @@ class Synthesizer:
                                             NamedSharding(mesh, P()))
     step, variables, meta = checkpoints.restore_generator(workdir, abstract, step)
     checkpoints.check_compatible(meta, config, f'{workdir} step {step}')
-    return cls(generator, variables, config, step=step, batch_size=batch_size, mesh=mesh)
+    return cls(generator, variables, config, step=step, batch_size=batch_size, mesh=mesh,
+               official_test_mode=official_test_mode)
 
-  def _forward(self, variables, images, target_index):
+  def _forward(self, variables, images, target_index, position):
     x = modalities_lib.assemble_generator_input(images, target_index, xp=jnp)
-    return self.generator.apply(variables, x, train=False)[..., 0].astype(jnp.float32)
+    if not self.official_test_mode:
+      return self.generator.apply(variables, x, train=False)[..., 0].astype(jnp.float32)
+
+    def one_slice(slice_input, index):
+      output, _ = self.generator.apply(
+          variables, slice_input[None], train=True, mutable=['batch_stats'],
+          rngs={'dropout': jax.random.fold_in(jax.random.PRNGKey(0), index)})
+      return output[0, ..., 0].astype(jnp.float32)
+    return jax.vmap(one_slice)(x, position)
 
   def _put(self, array):
     # Works on one or many processes, as long as every process passes the same array.
@@ -134,12 +155,14 @@ class Synthesizer:
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
       chunk_targets = targets[start:start + self.batch_size]
+      position = np.arange(start, start + self.batch_size, dtype=np.int32)
       pad = self.batch_size - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
         chunk_targets = np.concatenate([chunk_targets, np.zeros(pad, np.int32)])
       # Dispatch every batch before fetching any: transfers overlap the computation.
-      outputs.append(self._apply(self.variables, self._put(chunk), self._put(chunk_targets)))
+      outputs.append(self._apply(self.variables, self._put(chunk), self._put(chunk_targets),
+                                 self._put(position)))
       pads.append(pad)
     if not outputs:
       return np.zeros((0,) + images.shape[1:3], np.float32)
@@ -378,6 +401,9 @@ def parse_args(argv):
   parser.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE)
   parser.add_argument('--intensity-scale', type=float, default=INTENSITY_SCALE,
                       help='output intensity of a generator output of 1 (default 1000)')
+  parser.add_argument('--official-test-mode', action='store_true',
+                      help='run each slice as the official test.py does: BatchNorm '
+                           'statistics of that slice alone, dropout active')
   args = parser.parse_args(argv)
   if args.target and args.all_targets:
     parser.error('--target and --all-targets exclude each other')
@@ -390,7 +416,8 @@ def run(args) -> list[pathlib.Path]:
   jobs = plan_jobs(cases, config.data, target=args.target,
                    all_targets=args.all_targets)
   synthesizer = Synthesizer.restore(args.workdir, step=step, config=config,
-                                    batch_size=args.batch_size)
+                                    batch_size=args.batch_size,
+                                    official_test_mode=args.official_test_mode)
   print(f'synthesize: {len(jobs)} case(s), checkpoint step {synthesizer.step}, '
         f'{synthesizer.mesh.devices.size} device(s)', flush=True)
   paths, seconds = [], []

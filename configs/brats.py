@@ -65,4 +65,9 @@ def get_config(arg=None):
   config.train.keep_checkpoints = 3
   config.train.sample_every = 1000         # PNG sample grids in <workdir>/samples
   config.train.evaluate_at_end = True
+
+  config.eval = ml_collections.ConfigDict()
+  # False: eval mode (BatchNorm running statistics, no dropout; deterministic).  True: each
+  # test slice in train mode alone, dropout on, as the official test.py runs it.
+  config.eval.official_test_mode = False
   return config

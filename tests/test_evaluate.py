@@ -57,7 +57,7 @@ def test_writes_json_csv_markdown_and_grids(dataset, report):
       [f'grid_{t}.png' for t in ('t1', 't1ce', 't2', 'flair')])
   stored = json.loads((out / 'metrics.json').read_text())
   assert stored['step'] == 7 and stored['split'] == 'test' and stored['num_subjects'] == 2
-  assert stored['volume_reference'] == 'source files'
+  assert stored['volume_reference'] == 'source files' and stored['official_test_mode'] is False
   assert set(stored['summary']) == {'model', 'baseline'}
   assert set(stored['summary']['model']) == set(evaluate.PROTOCOLS)
   with open(out / 'metrics.csv') as f:
@@ -126,11 +126,13 @@ def test_without_source_files_and_with_an_empty_split(dataset, tmp_path):
   shutil.rmtree(tmp_path / 'raw')
   config = tiny_config(tmp_path / 'prepared')
   config.data.slices = 'range:10:14'
+  config.eval.official_test_mode = True  # --config.eval.official_test_mode=True
   messages = []
   report = evaluate.evaluate(config, tmp_path / 'work', step=3, split='val',
                              variables=random_variables(config, 1), batch_size=4,
                              log=messages.append)
   assert report['split'] == 'train' and report['volume_reference'] == 'prepared slices'
+  assert report['official_test_mode'] is True
   assert any(m.startswith("warning: split 'val'") for m in messages)
   assert any('target flair: aegan PSNR' in m for m in messages)
   volume = report['summary']['model']['volume']['t2']

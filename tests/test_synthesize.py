@@ -171,3 +171,36 @@ def test_synthesizer_pads_batches_and_matches_direct_apply():
   expected = generator.apply(variables, modalities.assemble_generator_input(images, targets),
                              train=False)[..., 0]
   np.testing.assert_allclose(synth(images, targets), expected, atol=1e-5)
+
+
+def official_mode_synthesizer(norm, use_dropout):
+  config = tiny_config()
+  config.model.norm, config.model.use_dropout = norm, use_dropout
+  generator, _ = models.build_networks(config.model, 4)
+  variables = generator.init({'params': jax.random.PRNGKey(1)}, np.zeros((1, 32, 32, 15)),
+                             train=False)
+  return lambda official: synthesize.Synthesizer(generator, variables, config, batch_size=4,
+                                                 official_test_mode=official)
+
+
+def test_official_test_mode_normalises_each_slice_alone_with_dropout():
+  make = official_mode_synthesizer('batch', use_dropout=True)
+  official, eval_mode = make(True), make(False)
+  images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 4)).astype(np.float32)
+  targets = np.array([0, 1, 2, 3])
+  out = official(images, targets)
+  np.testing.assert_array_equal(out, official(images, targets))  # seeded: repeatable
+  # Batch-mates do not matter (a whole-batch BatchNorm would make them matter) ...
+  others = images.copy()
+  others[1:] = np.random.default_rng(1).uniform(-1, 1, others[1:].shape)
+  np.testing.assert_allclose(official(others, targets)[0], out[0], atol=1e-6)
+  # ... but the slice's position draws its dropout mask, and eval mode differs.
+  moved = official(images[[1, 0, 2, 3]], targets[[1, 0, 2, 3]])
+  assert np.abs(moved[1] - out[0]).max() > 1e-3
+  assert np.abs(eval_mode(images, targets) - out).max() > 1e-2
+
+
+def test_official_test_mode_equals_eval_mode_for_instance_norm_without_dropout():
+  make = official_mode_synthesizer('instance', use_dropout=False)
+  images = np.random.default_rng(0).uniform(-1, 1, (6, 32, 32, 4)).astype(np.float32)
+  np.testing.assert_allclose(make(True)(images, 2), make(False)(images, 2), atol=1e-5)
