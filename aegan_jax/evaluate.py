@@ -435,7 +435,8 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
 
   Args:
     config: the run's config (architecture and data fields must match the checkpoint).
-    workdir: run folder; outputs go to `<workdir>/eval/<step>/` unless `output_dir`.
+    workdir: run folder; outputs go to `<workdir>/eval/<step>/` (`<step>-official` in
+      official test mode) unless `output_dir`.
     step: checkpoint step; None for the latest.
     split: 'test' by default; an empty split falls back to 'val', then 'train'.
     batch_size: slices per device batch (rounded up to a multiple of the device count).
@@ -490,7 +491,9 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
         f'SSIM {model["ssim"]["mean"]:.4f} (copy {modalities[baselines[modalities.index(target)]]}:'
         f' {base["psnr"]["mean"]:.2f} dB, {base["ssim"]["mean"]:.4f}); volume PSNR '
         f'{summary["model"]["volume"][target]["psnr"]["mean"]:.2f} dB')
-  out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / str(step))
+  # Official-mode results sit beside the eval-mode ones instead of replacing them.
+  folder = f'{step}-official' if synthesizer.official_test_mode else str(step)
+  out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / folder)
   report = {
       'step': step, 'split': evaluated_split, 'requested_split': split,
       'official_test_mode': synthesizer.official_test_mode,

@@ -137,7 +137,7 @@ def test_without_source_files_and_with_an_empty_split(dataset, tmp_path):
   assert any('target flair: aegan PSNR' in m for m in messages)
   volume = report['summary']['model']['volume']['t2']
   assert volume['ssim']['n'] == 4 and np.isfinite(volume['ssim']['mean'])
-  assert (tmp_path / 'work' / 'eval' / '3' / 'metrics.md').is_file()
+  assert (tmp_path / 'work' / 'eval' / '3-official' / 'metrics.md').is_file()
 
 
 def test_restore_on_a_different_device_count_matches(dataset, report):
