@@ -458,15 +458,15 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
     raise EvaluationError(f'{prepared_dir} holds {modalities} but the config has '
                           f'{list(config.data.modalities)}')
   evaluated_split = resolve_split(prepared_dir, split, log)
+  official_mode = synthesize.official_test_mode(config)
   if variables is None:
-    synthesizer = synthesize.Synthesizer.restore(
-        workdir, step=step, config=config, batch_size=batch_size,
-        official_test_mode=synthesize.official_test_mode(config))
+    synthesizer = synthesize.Synthesizer.restore(workdir, step=step, config=config,
+                                                 batch_size=batch_size,
+                                                 official_test_mode=official_mode)
   else:
     generator, _ = models.build_networks(config.model, len(modalities))
-    synthesizer = synthesize.Synthesizer(
-        generator, variables, config, step=step, batch_size=batch_size,
-        official_test_mode=synthesize.official_test_mode(config))
+    synthesizer = synthesize.Synthesizer(generator, variables, config, step=step,
+                                         batch_size=batch_size, official_test_mode=official_mode)
   step = synthesizer.step
   baselines = choose_baselines(prepared_dir, evaluated_split, len(modalities))
   num_subjects = manifest['splits'][evaluated_split]['subjects']
