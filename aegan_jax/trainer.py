@@ -13,7 +13,6 @@ import pathlib
 import platform
 import shutil
 import signal
-import sys
 import time
 from importlib import metadata
 
@@ -123,11 +122,9 @@ def _write_phantom(raw: pathlib.Path, subjects: int, seed: int, shape) -> None:
   """Writes next to `raw`, then renames: an interrupted run leaves no partial dataset
   that the next run would take for a complete one."""
   from data_prep import phantom  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   partial = raw.with_name(raw.name + '.partial')
   shutil.rmtree(partial, ignore_errors=True)
-  for index in tqdm(range(subjects), desc='phantom', unit='subject', file=sys.stderr):
-    phantom.write_subject(partial, index, seed, shape)
+  phantom.write_phantom_dataset(partial, subjects, seed=seed, shape=shape, progress=True)
   if raw.exists():
     raw.rmdir()  # Empty: checked by the caller.
   partial.rename(raw)

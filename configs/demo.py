@@ -4,7 +4,7 @@ r"""The offline demo: phantom BraTS-like data, a small AE-GAN, CPU-sized.
 
 It generates phantom subjects in <workdir>/raw, prepares them, trains, evaluates,
 and writes sample grids and metric tables, in under 10 minutes on 2 CPU cores.
-Only sizes and the optimisation budget differ from configs/brats.py.
+It differs from configs/brats.py in sizes, the optimisation budget and the norm.
 """
 from configs import brats
 

@@ -293,10 +293,14 @@ def write_subject(out_dir, index: int, seed: int, shape=(240, 240, 155),
 
 def write_phantom_dataset(out_dir, subjects: int, seed: int = 0,
                           shape=(240, 240, 155),
-                          layout: str = 'brats2020') -> list[pathlib.Path]:
+                          layout: str = 'brats2020',
+                          progress: bool = False) -> list[pathlib.Path]:
   """Writes ``subjects`` phantom subjects; returns their folders."""
-  return [write_subject(out_dir, i, seed, shape, layout)
-          for i in range(subjects)]
+  indices = range(subjects)
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    indices = tqdm(indices, desc='phantom', unit='subject', file=sys.stderr)
+  return [write_subject(out_dir, i, seed, shape, layout) for i in indices]
 
 
 def main(argv=None):
