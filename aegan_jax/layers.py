@@ -19,6 +19,11 @@ Dtype = Any
 weight_init = nn.initializers.normal(0.02)
 
 
+def accumulation_dtype(dtype) -> Dtype:
+  """Statistics, logits and losses: float32 under bfloat16 compute, float64 under float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def scale_init(key, shape, dtype=jnp.float32):
   """BatchNorm gamma ~ N(1, 0.02), as the official initialiser draws it."""
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
@@ -49,13 +54,14 @@ class BatchNorm(nn.Module):
     features = x.shape[-1]
     scale = self.param('scale', scale_init, (features,), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
-    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
-    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    acc = accumulation_dtype(self.param_dtype)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), acc)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), acc)
+    x32 = x.astype(acc)
     if train:
-      x32 = x.astype(jnp.float32)
-      mean = jnp.mean(x32, axis=(0, 1, 2))
-      var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
       count = x.size // features
+      mean = batch_sum(jnp.sum(x32, axis=(1, 2))) / count
+      var = batch_sum(jnp.sum(jnp.square(x32 - mean), axis=(1, 2))) / count
       unbiased_var = var * (count / max(count - 1, 1))
       if not self.is_initializing():
         running_mean.value = ema_update(running_mean.value, mean, self.momentum)
@@ -65,9 +71,38 @@ class BatchNorm(nn.Module):
         self.put_variable('batch_moments', 'var', unbiased_var)
     else:
       mean, var = running_mean.value, running_var.value
-    inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-    y = (x.astype(jnp.float32) - mean) * inv + bias.astype(jnp.float32)
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(acc)
+    y = (x32 - mean) * inv + bias.astype(acc)
     return y.astype(self.dtype)
+
+
+def batch_sum(per_example):
+  """Sum over the leading (batch) axis in a fixed pairwise order: [N, ...] -> [...].
+
+  A plain sum over a batch sharded on several devices adds per-device partial
+  sums, so its rounding depends on the device count.  The ReLU after a norm
+  (and the L1 loss) have kinks; an activation within rounding of one then
+  takes the other side on another device count, and the gradient moves by
+  about 1e-3 (see README, "Several GPUs").  Pairwise adds of whole examples
+  round the same wherever the examples live.
+  """
+  x = per_example
+  while x.shape[0] > 1:
+    if x.shape[0] % 2:
+      x = jnp.concatenate([x, jnp.zeros_like(x[:1])])
+    x = x[0::2] + x[1::2]
+  return x[0]
+
+
+def per_example_dot(lhs, rhs, dimension_numbers, precision=None,
+                    preferred_element_type=None, **unused):
+  """`lax.dot_general` for `nn.Dense` on [N, in] x [in, out] as multiply and sum.
+
+  A matmul kernel blocks its rows differently for each batch size, so an
+  example's result would depend on how many examples its device holds.
+  """
+  del dimension_numbers, precision, preferred_element_type, unused
+  return jnp.sum(lhs[..., :, None] * rhs, axis=-2)
 
 
 def ema_update(running, batch_value, momentum):
@@ -83,7 +118,7 @@ class InstanceNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     del train  # Same computation in both modes.
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(accumulation_dtype(self.dtype))
     mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).astype(self.dtype)
@@ -179,7 +214,7 @@ class ChannelAttention(nn.Module):
     squeezed = jnp.mean(x, axis=(1, 2))
     dense = lambda n, name: nn.Dense(n, use_bias=False, kernel_init=weight_init,
                                      dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name=name)
+                                     dot_general=per_example_dot, name=name)
     weights = nn.sigmoid(dense(channels, 'excite')(nn.relu(dense(hidden, 'squeeze')(squeezed))))
     return x + x * weights[:, None, None, :]
 
@@ -252,4 +287,4 @@ class OutputConv(nn.Module):
   def __call__(self, x):
     h = conv(self.features, 7, use_bias=True, name='conv', dtype=self.dtype,
              param_dtype=self.param_dtype)(reflect_pad(x, 3))
-    return jnp.tanh(h.astype(jnp.float32))
+    return jnp.tanh(h.astype(accumulation_dtype(self.dtype)))

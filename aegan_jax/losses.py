@@ -40,8 +40,9 @@ def self_representation_loss(generator_features, autoencoder_features):
   """
   total = 0.0
   for gen, ae in zip(generator_features, autoencoder_features):
-    p = jax.nn.softmax(jax.lax.stop_gradient(ae).astype(jnp.float32), axis=-1)
-    log_q = jax.nn.log_softmax(gen.astype(jnp.float32), axis=-1)
+    dtype = jnp.promote_types(gen.dtype, jnp.float32)
+    p = jax.nn.softmax(jax.lax.stop_gradient(ae).astype(dtype), axis=-1)
+    log_q = jax.nn.log_softmax(gen.astype(dtype), axis=-1)
     total = total + jnp.mean(jax.scipy.special.xlogy(p, p) - p * log_q)
   return total
 

@@ -84,8 +84,9 @@ class DiscriminatorHead(nn.Module):
     # A kernel spanning the whole map: the official 64x64 conv at 256 px, any size here.
     class_logits = nn.Conv(self.num_classes, d.shape[1:3], padding='VALID', use_bias=True,
                            kernel_init=layers.weight_init, name='classes', **kw)(d)
-    return (patch_logits.astype(jnp.float32),
-            class_logits.reshape(d.shape[0], self.num_classes).astype(jnp.float32))
+    acc = layers.accumulation_dtype(self.dtype)
+    return (patch_logits.astype(acc),
+            class_logits.reshape(d.shape[0], self.num_classes).astype(acc))
 
 
 class AutoEncoderOutput(NamedTuple):

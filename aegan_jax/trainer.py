@@ -17,6 +17,7 @@ import time
 from importlib import metadata
 
 import jax
+import numpy as np
 
 from aegan_jax import checkpoints
 from aegan_jax import data
@@ -87,21 +88,47 @@ def write_run_info(config, workdir: pathlib.Path) -> None:
 
 
 def ensure_prepared(config, workdir: pathlib.Path) -> str:
-  """The prepared dataset's folder, preparing it (process 0) from raw data if needed."""
+  """The prepared dataset's folder, preparing it (process 0) from raw data if needed.
+
+  Every process learns whether process 0 succeeded: a failure there stops all of
+  them with its message, instead of leaving the others at a barrier.
+  """
   prepared = pathlib.Path(data.prepared_dir_for(config, workdir))
+  failure = None
   if not (prepared / 'manifest.json').exists() and jax.process_index() == 0:
-    raw = _raw_dir(config, workdir)
-    from data_prep import prepare  # pylint: disable=g-import-not-at-top
-    log(f'preparing {raw} -> {prepared}')
-    prepare.prepare_dataset(
-        raw, prepared, dataset=config.data.dataset, normalise=config.data.normalise,
-        slices=config.data.slices, geometry=config.data.geometry,
-        image_size=config.data.image_size, split_ratios=tuple(config.data.split_ratios),
-        split_seed=config.data.split_seed, workers=2)
+    try:
+      _prepare(config, workdir, prepared)
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('aegan_jax: data prepared')
+    message = _broadcast_text(f'{type(failure).__name__}: {failure}' if failure else '')
+    if message and failure is None:
+      from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top
+      raise DataError(f'process 0 could not prepare the data: {message}')
+  if failure is not None:
+    raise failure
   return str(prepared)
+
+
+def _prepare(config, workdir, prepared: pathlib.Path) -> None:
+  raw = _raw_dir(config, workdir)
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+  log(f'preparing {raw} -> {prepared}')
+  prepare.prepare_dataset(
+      raw, prepared, dataset=config.data.dataset, normalise=config.data.normalise,
+      slices=config.data.slices, geometry=config.data.geometry,
+      image_size=config.data.image_size, split_ratios=tuple(config.data.split_ratios),
+      split_seed=config.data.split_seed, workers=2)
+
+
+def _broadcast_text(text: str, size: int = 2048) -> str:
+  """Process 0's `text` on every process (a collective: all processes must call it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  buffer = np.zeros(size, np.uint8)
+  encoded = text.encode()[:size]
+  buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  return bytes(received).rstrip(b'\0').decode(errors='replace')
 
 
 def _raw_dir(config, workdir) -> pathlib.Path:
@@ -190,10 +217,14 @@ def format_console(step, num_steps, metrics, seconds_per_step, slices_per_s) -> 
 
 
 class StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+  """Turns SIGTERM/SIGINT into a flag the loop reads once per step.
+
+  `agreed()` combines the flags of all processes, so a signal that reaches one
+  host stops every host at the same step, where they save together.
+  """
 
   def __init__(self):
-    self.signal_name = None
+    self.signal_number = 0
     self._previous = {}
 
   def __enter__(self):
@@ -203,9 +234,16 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    if self.signal_name is not None:  # A second signal: stop now.
+    if self.signal_number:  # A second signal: stop now.
       raise KeyboardInterrupt
-    self.signal_name = signal.Signals(signum).name
+    self.signal_number = signum
+
+  def agreed(self) -> int:
+    """The signal any process received (0: none); a collective when there are several."""
+    if jax.process_count() == 1:
+      return self.signal_number
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return int(np.max(multihost_utils.process_allgather(np.int32(self.signal_number))))
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -249,20 +287,31 @@ def train_and_evaluate(config, workdir) -> train.TrainState:
   writer = MetricWriter(workdir)
   try:
     with StopRequest() as stop:
-      state = _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer,
-                    num_steps, stop)
+      state, stopped_by = _loop(config, state, step_fn, iterator, mesh, manager, writer,
+                                sample_writer, num_steps, stop)
   finally:
     manager.wait_until_finished()  # An async save still in flight would be lost.
+    saved_step = manager.latest_step()
     manager.close()
     writer.close()
-  if stop.signal_name:
-    log(f'stopped by {stop.signal_name} at step {int(state.step)}; checkpoint saved in '
-        f'{checkpoints.checkpoint_dir(workdir)}. Run the same command to resume.')
+  if stopped_by:
+    _report_stop(stopped_by, int(jax.device_get(state.step)), saved_step, workdir)
     return state
   if config.train.evaluate_at_end:
     from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, workdir, step=int(state.step))
   return state
+
+
+def _report_stop(signal_number, step, saved_step, workdir) -> None:
+  """Says "saved" only for a checkpoint of this very step that Orbax has finished."""
+  name = signal.Signals(signal_number).name
+  if saved_step == step:
+    log(f'stopped by {name} at step {step}; saved step {step} in '
+        f'{checkpoints.checkpoint_dir(workdir)}. Run the same command to resume.')
+  else:
+    log(f'stopped by {name} at step {step}; no checkpoint of this step was written '
+        f'(latest: {saved_step}).')
 
 
 def _maybe_resume(manager, state, iterator, config, workdir):
@@ -277,33 +326,50 @@ def _maybe_resume(manager, state, iterator, config, workdir):
 
 def _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer,
           num_steps, stop):
+  """Trains to `num_steps`; returns (state, number of the signal that stopped it, or 0)."""
   step = int(jax.device_get(state.step))
   if step >= num_steps:
     log(f'already trained to step {step} (train.num_steps={num_steps})')
-    return state
+    return state, 0
   log(f'training steps {step + 1}..{num_steps}, global batch {config.train.global_batch_size} '
       f'on {mesh.size} device(s)')
-  window_start, window_steps = time.perf_counter(), 0
-  seconds_per_step = float('nan')
+  window = [time.perf_counter(), 0]  # start time, steps since
   while step < num_steps:
     batch = parallel.global_batch(next(iterator), mesh)
     state, metrics = step_fn(state, batch)
     step += 1
-    window_steps += 1
-    save_now = step % config.train.checkpoint_every == 0 or step == num_steps or stop.signal_name
-    if step % config.train.log_every == 0 or save_now:
-      metrics = jax.device_get(metrics)
-      check_finite(step, metrics)  # Before saving: a diverged state never replaces a good one.
-      seconds_per_step = (time.perf_counter() - window_start) / window_steps
-      slices_per_s = config.train.global_batch_size / seconds_per_step
-      writer.write(step, {**metrics, 'perf/seconds_per_step': seconds_per_step,
-                          'perf/slices_per_s': slices_per_s})
-      log(format_console(step, num_steps, metrics, seconds_per_step, slices_per_s))
-      window_start, window_steps = time.perf_counter(), 0
+    window[1] += 1
+    due = step % config.train.checkpoint_every == 0 or step == num_steps
+    logged = step % config.train.log_every == 0 or due
+    if logged:
+      _log_metrics(config, step, num_steps, metrics, writer, window)
     if sample_writer and (step % config.train.sample_every == 0 or step == num_steps):
-      sample_writer.write(step, state.generator.variables())
-    if save_now:
+      sample_writer.write(step, _host_local(state.generator.variables()))
+    # Read after the step's host work, so a signal that came during it is seen here
+    # and the stop below always saves first.
+    stopping = stop.agreed()
+    if stopping and not logged:
+      _log_metrics(config, step, num_steps, metrics, writer, window)
+    if due or stopping:
       checkpoints.save(manager, state, config, iterator, force=True)
-    if stop.signal_name:
-      break
-  return state
+    if stopping:
+      return state, stopping
+  return state, 0
+
+
+def _log_metrics(config, step, num_steps, metrics, writer, window) -> None:
+  """Fetches, checks (before any save: a diverged state never replaces a good one), logs."""
+  metrics = jax.device_get(metrics)
+  check_finite(step, metrics)
+  seconds_per_step = (time.perf_counter() - window[0]) / max(window[1], 1)
+  slices_per_s = config.train.global_batch_size / seconds_per_step
+  writer.write(step, {**metrics, 'perf/seconds_per_step': seconds_per_step,
+                      'perf/slices_per_s': slices_per_s})
+  log(format_console(step, num_steps, metrics, seconds_per_step, slices_per_s))
+  window[:] = [time.perf_counter(), 0]
+
+
+def _host_local(tree):
+  """numpy copies of replicated arrays: one process can then compute on them alone
+  (a jitted call on the global arrays would wait for the other hosts)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

@@ -3,23 +3,25 @@
 `jax.distributed.initialize` joins them over localhost (gloo collectives), so this
 runs the multi-host code path for real: the global batch assembled from each
 process's shard, one Orbax checkpoint written by both, Grain state per process,
-resume, and evaluation at the end.
+sample grids, a stop signal that reaches one host only, a preparation that fails
+on process 0, resume, and evaluation at the end.
 """
 import os
 import pathlib
-import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
-import pytest
 
 from aegan_jax import checkpoints
 from test_launch import assert_states_equal, prepared, restored_state, tiny_config  # noqa: F401
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 12
 
 
 def free_port() -> int:
@@ -28,45 +30,77 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch_two_hosts(prepared_dir, workdir, num_steps, evaluate=False):
-  overrides = [f'--config.data.prepared_dir={prepared_dir}', '--config.data.image_size=32',
-               '--config.model.ngf=8', '--config.model.num_blocks=1',
-               '--config.model.norm=batch', '--config.train.global_batch_size=4',
-               f'--config.train.num_steps={num_steps}', '--config.train.log_every=1',
-               '--config.train.checkpoint_every=2', '--config.train.sample_every=1000',
-               f'--config.train.evaluate_at_end={evaluate}']
+def start_two_hosts(workdir, overrides):
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
          'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
   address = f'localhost:{free_port()}'
-  processes = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, 'launch.py', '--config=configs/demo.py', f'--workdir={workdir}',
        *overrides, f'--coordinator_address={address}', '--num_processes=2',
        f'--process_id={i}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in processes]
-  for process, output in zip(processes, outputs):
-    assert process.returncode == 0, output
-  return outputs
 
 
-def test_two_hosts_train_resume_exactly_and_evaluate(prepared, tmp_path):
-  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-  outputs = launch_two_hosts(prepared, straight, num_steps=4, evaluate=True)
-  assert 'on 4 device(s)' in outputs[0]
-  assert checkpoints.make_manager(straight).all_steps() == [2, 4]
-  assert (straight / 'eval' / '4' / 'metrics.json').exists()
-  # The same run interrupted after its step-2 checkpoint, then restarted on both hosts.
-  shutil.copytree(straight, resumed)
-  shutil.rmtree(resumed / 'checkpoints' / '4')
-  shutil.rmtree(resumed / 'eval')
-  outputs = launch_two_hosts(prepared, resumed, num_steps=4)
-  assert 'resuming from step 2' in outputs[0]
+def training_overrides(prepared_dir, evaluate=False):
+  return [f'--config.data.prepared_dir={prepared_dir}', '--config.data.image_size=32',
+          '--config.model.ngf=8', '--config.model.num_blocks=1',
+          '--config.model.norm=batch', '--config.train.global_batch_size=4',
+          f'--config.train.num_steps={STEPS}', '--config.train.log_every=1',
+          '--config.train.checkpoint_every=1000', '--config.train.sample_every=10',
+          f'--config.train.evaluate_at_end={evaluate}']
 
-  config = tiny_config(prepared, num_steps=4)
-  config.model.norm = 'batch'
+
+def finish(processes, timeout=300):
+  outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+  return [p.returncode for p in processes], outputs
+
+
+def test_stop_signal_on_one_host_stops_both_then_resumes_exactly(prepared, tmp_path):
+  straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
+  codes, outputs = finish(start_two_hosts(straight, training_overrides(prepared, evaluate=True)))
+  assert codes == [0, 0], outputs
+  assert f'on 4 device(s)' in outputs[0]
+  assert (straight / 'eval' / str(STEPS) / 'metrics.json').exists()
+  assert (straight / 'samples' / 'step_0000010.png').exists()  # process 0, host-local copy
+
+  processes = start_two_hosts(stopped, training_overrides(prepared))
+  for line in processes[0].stdout:
+    if line.startswith('step 3/'):
+      processes[1].send_signal(signal.SIGTERM)  # host 1 only
+      signalled = time.monotonic()
+      break
+  codes, outputs = finish(processes, timeout=60)
+  assert codes == [0, 0], outputs
+  assert time.monotonic() - signalled < 30
+  saved = checkpoints.make_manager(stopped).all_steps()
+  assert len(saved) == 1 and 3 <= saved[0] < STEPS, saved
+  assert f'stopped by SIGTERM at step {saved[0]}; saved step {saved[0]}' in outputs[0]
+
+  codes, outputs = finish(start_two_hosts(stopped, training_overrides(prepared)))
+  assert codes == [0, 0], outputs
+  assert f'resuming from step {saved[0]}' in outputs[0]
+  config = tiny_config(prepared, num_steps=STEPS)
   state = restored_state(straight, config)
-  assert int(state.step) == 4
+  assert int(state.step) == STEPS
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(state)))
   # Each host fed its own shard of every global batch; the restart (each host's Grain
   # position restored) must land on the same parameters bitwise.
-  assert_states_equal(state, restored_state(resumed, config))
+  assert_states_equal(state, restored_state(stopped, config))
+
+
+def test_failed_preparation_on_process_0_stops_every_host_naming_the_file(tmp_path):
+  from data_prep import phantom
+  raw = tmp_path / 'raw'
+  phantom.write_phantom_dataset(raw, 2, seed=1, shape=(40, 40, 24))
+  bad = sorted(raw.glob('*/*_t2.nii*'))[0]
+  bad.write_bytes(b'not a nifti file')
+  overrides = [f'--config.data.raw_dir={raw}', '--config.data.phantom_subjects=0',
+               f'--config.data.prepared_dir={tmp_path / "prepared"}',
+               '--config.data.image_size=32']
+  started = time.monotonic()
+  codes, outputs = finish(start_two_hosts(tmp_path / 'run', overrides), timeout=120)
+  assert time.monotonic() - started < 120
+  assert all(code != 0 for code in codes), outputs
+  for output in outputs:
+    assert bad.name in output, output
+  assert not (tmp_path / 'prepared').exists()

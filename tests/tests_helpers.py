@@ -13,14 +13,19 @@ def tiny_train_config():
   return config
 
 
-def tiny_image_batch(seed=0, n=4, binary=False):
-  """A batch as the data pipeline yields it: all modalities plus the sampled target.
+def phantom_image_batch(size=SIZE, n=4, seed=0):
+  """Realistic continuous slices: n axial phantom slices at size x size, all modalities.
 
-  `binary` images are -1 or 1: tanh outputs never tie with them, so the L1 gradient
-  sign(y_hat - y) cannot flip on rounding noise.
+  Each slice comes from its own phantom subject, normalised like prepared data
+  (official max normalisation, background -1); targets cycle over modalities.
   """
+  from data_prep import phantom, preprocess
   rng = np.random.default_rng(seed)
-  images = rng.normal(size=(n, SIZE, SIZE, 4))
-  images = np.sign(images) if binary else np.tanh(images)
-  return {'images': images.astype(np.float32),
+  slices = []
+  for _ in range(n):
+    subject = phantom.make_subject(rng, shape=(size, size, 16))
+    slices.append(np.stack(
+        [preprocess.volume_to_slices(preprocess.normalise_volume(subject['volumes'][m])[0], [8],
+                                     image_size=size)[0] for m in phantom.MODALITIES], -1))
+  return {'images': np.stack(slices).astype(np.float32),
           'target_index': (np.arange(n) + seed) % 4}
