@@ -4,9 +4,16 @@ The flag must be set before jax is imported anywhere.
 """
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for this session and the launches it spawns: many
+# tests build the same small jitted programs anew, and compiling dominates their time.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='aegan-jax-xla-')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # noqa: E402
 
@@ -19,3 +26,9 @@ def parity_fixture_path():
   if not FIXTURE.exists():
     pytest.skip(f'official fixture not found at {FIXTURE}')
   return FIXTURE
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if '_CACHE' in globals():
+    shutil.rmtree(_CACHE, ignore_errors=True)
