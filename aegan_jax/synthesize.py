@@ -307,10 +307,44 @@ def write_nifti(volume, reference, path) -> None:
   os.close(fd)
   try:
     nib.save(image, tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def overlaps(a, b) -> bool:
+  """True when folders `a` and `b` are the same, or one lies inside the other."""
+  a, b = pathlib.Path(a).resolve(), pathlib.Path(b).resolve()
+  return a == b or a in b.parents or b in a.parents
+
+
+def check_output_folder(input_path, out_dir) -> None:
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise SynthesisError(f'--output {out_dir} is a file; give a folder')
+  if overlaps(input_path, out_dir):
+    raise SynthesisError(f'--output {out_dir} overlaps --input {input_path}: choose a folder '
+                         'outside the inputs (synthesis never writes among acquired scans)')
+
+
+def check_output_files(jobs, out_dir, naming, overwrite: bool) -> None:
+  """Before any work: no output may be an input file, nor replace a file unless --overwrite."""
+  inputs = {pathlib.Path(f).resolve() for job in jobs for f in job.case.files.values()}
+  for job in jobs:
+    for target in job.targets:
+      path = output_path(job.case, target, out_dir, naming)
+      if path.resolve() in inputs:
+        raise SynthesisError(f'{path} is an input scan; it is never replaced')
+      if path.exists() and not overwrite:
+        raise SynthesisError(f'{path} exists; pass --overwrite to replace it')
 
 
 @dataclasses.dataclass
@@ -398,6 +432,8 @@ def parse_args(argv):
   parser.add_argument('--all-targets', action='store_true',
                       help='synthesise every modality of complete cases from the others')
   parser.add_argument('--naming', choices=('case', 'brasyn'), default='case')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace synthesized files that already exist in --output')
   parser.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE)
   parser.add_argument('--intensity-scale', type=float, default=INTENSITY_SCALE,
                       help='output intensity of a generator output of 1 (default 1000)')
@@ -411,10 +447,12 @@ def parse_args(argv):
 
 
 def run(args) -> list[pathlib.Path]:
+  check_output_folder(args.input, args.output)
   step, config = checkpoints.read_checkpoint_config(args.workdir, args.step)
   cases = layouts.find_cases(args.input, config.data.get('dataset', 'auto'))
   jobs = plan_jobs(cases, config.data, target=args.target,
                    all_targets=args.all_targets)
+  check_output_files(jobs, args.output, args.naming, args.overwrite)
   synthesizer = Synthesizer.restore(args.workdir, step=step, config=config,
                                     batch_size=args.batch_size,
                                     official_test_mode=args.official_test_mode)

@@ -371,6 +371,17 @@ def _fingerprint(cases, options) -> str:
   return digest.hexdigest()
 
 
+def _check_destination(dst: pathlib.Path, sources) -> None:
+  """The output may neither be, lie inside, nor contain a raw source folder."""
+  if dst.exists() and not dst.is_dir():
+    raise DataError(f'--dst {dst} is a file; give a folder')
+  target = dst.resolve()
+  for src in sources:
+    source = pathlib.Path(src).resolve()
+    if target == source or source in target.parents or target in source.parents:
+      raise DataError(f'--dst {dst} overlaps the raw data {src}: choose a folder outside it')
+
+
 def _check_options(normalise, slices, geometry, image_size, workers):
   if normalise not in preprocess.NORMALISATIONS:
     raise DataError(f'--normalise {normalise!r}: expected one of '
@@ -440,6 +451,7 @@ def prepare_dataset(src, dst, *, dataset='auto', normalise='max',
   """
   start = time.perf_counter()
   dst = pathlib.Path(dst)
+  _check_destination(dst, [src] if src is not None else list((split_sources or {}).values()))
   _check_options(normalise, slices, geometry, image_size, workers)
   cases, fixed_splits = _discover(src, split_sources, dataset)
   modality_sets = {c.modalities for c in cases}
@@ -465,10 +477,13 @@ def prepare_dataset(src, dst, *, dataset='auto', normalise='max',
               'slices': sum(s['slices'] for s in previous['splits'].values()),
               'splits': previous['splits'], 'skipped': previous['skipped'],
               'seconds': time.perf_counter() - start, 'slices_per_second': 0.0}
-  if dst.exists() and any(dst.iterdir()) and not overwrite:
-    why = ('was prepared from other inputs or options'
-           if (dst / MANIFEST).is_file() else 'is not empty')
-    raise DataError(f'{dst}: {why}; pass --overwrite or choose another --dst')
+  if dst.exists() and any(dst.iterdir()):
+    if not (dst / MANIFEST).is_file():
+      raise DataError(f'{dst} is not empty and holds no prepared dataset ({MANIFEST}); '
+                      'choose another --dst (--overwrite replaces prepared datasets only)')
+    if not overwrite:
+      raise DataError(f'{dst}: was prepared from other inputs or options; pass --overwrite '
+                      'or choose another --dst')
 
   headers, good, skipped = {}, [], []
   for case in cases:

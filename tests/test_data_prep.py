@@ -326,3 +326,24 @@ def test_cli_smoke(tmp_path):
   run = _cli('--src', tmp_path / 'empty', '--dst', tmp_path / 'x')
   assert run.returncode == 2
   assert run.stderr.strip() == f'error: {tmp_path / "empty"}: folder is empty'
+
+
+@pytest.mark.parametrize('where', ['same', 'parent', 'inside'])
+def test_dst_overlapping_the_raw_data_is_refused_and_nothing_is_deleted(tmp_path, where):
+  src = _brats2020(tmp_path / 'p' / 'raw', 2)
+  (tmp_path / 'p' / 'notes.txt').write_text('keep me')
+  dst = {'same': src, 'parent': tmp_path / 'p', 'inside': src / 'prepared'}[where]
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))
+  with pytest.raises(DataError, match='overlaps the raw data'):
+    prepare.prepare_dataset(src, dst, overwrite=True, **FAST)
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before
+
+
+def test_overwrite_replaces_only_a_prepared_dataset(tmp_path):
+  src = _brats2020(tmp_path / 'raw', 2)
+  dst = tmp_path / 'out'
+  dst.mkdir()
+  (dst / 'thesis.tex').write_text('keep me')
+  with pytest.raises(DataError, match='holds no prepared dataset'):
+    prepare.prepare_dataset(src, dst, overwrite=True, **FAST)
+  assert (dst / 'thesis.tex').read_text() == 'keep me'

@@ -12,7 +12,7 @@ import pytest
 from aegan_jax import checkpoints
 from aegan_jax import data
 from aegan_jax import launcher
-from aegan_jax import parallel
+from aegan_jax import samples
 from aegan_jax import train
 from aegan_jax import trainer
 from configs import demo
@@ -165,3 +165,23 @@ def test_demo_data_is_generated_whole_then_prepared(tmp_path):
       'BraTS20_Training_001', 'BraTS20_Training_002', 'BraTS20_Training_003']
   assert not (tmp_path / 'raw.partial').exists()
   assert data.num_examples(prepared, 'train') == 8
+
+
+@pytest.mark.parametrize('phase', ['log', 'samples'])
+def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monkeypatch, capsys,
+                                                       phase):
+  """A signal that lands while metrics are fetched or samples written must not skip the save."""
+  target = (trainer, '_log_metrics') if phase == 'log' else (samples.SampleWriter, 'write')
+  original = getattr(*target)
+
+  def signalling(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(*target, signalling)
+  config = tiny_config(prepared, num_steps=5, checkpoint_every=1000, sample_every=2)
+  state = trainer.train_and_evaluate(config, tmp_path)
+  stopped_at = 1 if phase == 'log' else 2
+  assert int(state.step) == stopped_at
+  assert checkpoints.make_manager(tmp_path).all_steps() == [stopped_at]
+  assert f'saved step {stopped_at} in' in capsys.readouterr().out

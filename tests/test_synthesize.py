@@ -204,3 +204,38 @@ def test_official_test_mode_equals_eval_mode_for_instance_norm_without_dropout()
   make = official_mode_synthesizer('instance', use_dropout=False)
   images = np.random.default_rng(0).uniform(-1, 1, (6, 32, 32, 4)).astype(np.float32)
   np.testing.assert_allclose(make(True)(images, 2), make(False)(images, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize('where', ['same', 'inside', 'parent'])
+def test_output_never_overlaps_the_inputs(workdir, raw, tmp_path, capsys, where):
+  cases = copy_cases(raw, tmp_path / 'in' / 'cases', drop={0: ['t2']})
+  output = {'same': cases, 'inside': cases / 'out', 'parent': tmp_path / 'in'}[where]
+  before = sorted(p.name for p in cases.rglob('*'))
+  assert run('--workdir', workdir, '--input', cases, '--output', output, '--all-targets') == 2
+  err = capsys.readouterr().err
+  assert 'overlaps --input' in err and err.count('\n') == 1
+  assert sorted(p.name for p in cases.rglob('*')) == before
+
+
+def test_existing_results_are_kept_unless_overwrite_and_files_get_the_umask_mode(
+    workdir, raw, tmp_path, capsys):
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t2']})
+  case = cases / 'BraTS20_Training_001'
+  out = tmp_path / 'out'
+  assert run('--workdir', workdir, '--input', case, '--output', out) == 0
+  written = out / 'BraTS20_Training_001' / 'BraTS20_Training_001_t2.nii.gz'
+  assert written.stat().st_mode & 0o777 == 0o666 & ~synthesize._umask()
+  written.write_bytes(b'a result of the user')
+  capsys.readouterr()
+  assert run('--workdir', workdir, '--input', case, '--output', out) == 2
+  assert f'{written} exists; pass --overwrite' in capsys.readouterr().err
+  assert written.read_bytes() == b'a result of the user'
+  assert run('--workdir', workdir, '--input', case, '--output', out, '--overwrite') == 0
+  assert nib.load(written).shape == SHAPE
+
+
+def test_output_that_is_a_file(workdir, raw, tmp_path, capsys):
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t2']})
+  (tmp_path / 'out').write_text('x')
+  assert run('--workdir', workdir, '--input', cases, '--output', tmp_path / 'out') == 2
+  assert 'is a file' in capsys.readouterr().err
