@@ -35,5 +35,19 @@ def main(argv):
                       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
+def parse_flags(argv):
+  """absl flag parsing, with an unknown config field as one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:
+    field = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and
+                  str(e).strip('"\'') in a.split('=')[0].split('.')), '--config.*')
+    print(f'error: {field}: no such config field ({str(e).strip(chr(34))})', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=parse_flags))

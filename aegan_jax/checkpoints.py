@@ -21,6 +21,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from aegan_jax import train
@@ -150,13 +151,49 @@ def _open_step(workdir, step: int | None):
 
 
 def restore_generator(workdir, abstract_variables, step: int | None = None):
-  """(step, generator variables, meta) from `workdir`: the latest step unless given."""
+  """(step, generator variables, meta) from `workdir`: the latest step unless given.
+
+  Shapes that do not fit the architecture and non-finite weights are one-line errors.
+  """
   manager, step = _open_step(workdir, step)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      generator=ocp.args.StandardRestore(_abstract(abstract_variables)),
-      meta=ocp.args.JsonRestore()))
-  manager.close()
+  where = checkpoint_dir(workdir) / str(step)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        generator=ocp.args.StandardRestore(_abstract(abstract_variables)),
+        meta=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except
+    first_line = (str(e).strip().splitlines() or [''])[0][:300]
+    raise CheckpointError(f'{where}: the generator cannot be restored for this architecture '
+                          f'({type(e).__name__}: {first_line})') from None
+  finally:
+    manager.close()
+  check_finite(restored['generator'], f'{where} generator')
   return step, restored['generator'], restored['meta']
+
+
+def _flat(tree) -> dict[str, Any]:
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_finite(variables, network: str) -> None:
+  for name, leaf in _flat(variables).items():
+    if not np.isfinite(np.asarray(leaf)).all():
+      raise CheckpointError(f'{network} tensor {name} holds NaN or Inf values')
+
+
+def check_variables(module, variables, input_shape, network: str) -> None:
+  """Every tensor of `variables` has the shape `module` needs, and finite values."""
+  expected = _flat(jax.eval_shape(lambda: module.init(
+      {'params': jax.random.PRNGKey(0)}, jax.numpy.zeros(input_shape), train=False)))
+  given = _flat(variables)
+  for name, spec in expected.items():
+    if name not in given:
+      raise CheckpointError(f'{network} tensor {name} is missing')
+    if tuple(np.shape(given[name])) != tuple(spec.shape):
+      raise CheckpointError(f'{network} tensor {name} has shape {tuple(np.shape(given[name]))}, '
+                            f'the architecture needs {tuple(spec.shape)}')
+  check_finite(variables, network)
 
 
 def read_checkpoint_config(workdir, step: int | None = None):

@@ -17,10 +17,11 @@ Dtype = Any
 
 
 def check_image_size(height: int, width: int) -> None:
-  if height % 4 or width % 4 or height < 8 or width < 8:
+  if height % 4 or width % 4 or height < 16 or width < 16:
     raise ValueError(
         f'image size {height}x{width} is not supported: height and width must be '
-        'multiples of 4 and at least 8 (the encoders downsample twice by 2)')
+        'multiples of 4 (the encoders downsample twice by 2) and at least 16 (below, '
+        "the discriminator's patch-logit map is empty)")
 
 
 class SynthesisGenerator(nn.Module):

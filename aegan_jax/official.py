@@ -40,6 +40,9 @@ def read_state_dict(path, prefix: str = '') -> dict[str, np.ndarray]:
   if not path.exists():
     raise ImportError_(f'{path}: no such file')
   if path.suffix == '.npz':
+    with open(path, 'rb') as f:
+      if f.read(4) != b'PK\x03\x04':  # every .npz is a zip archive
+        raise ImportError_(f'{path}: not a weights file (not an .npz archive)')
     with np.load(path, allow_pickle=False) as data:
       tensors = {k: data[k] for k in data.files}
   elif path.suffix in ('.pth', '.pt'):
@@ -479,6 +482,20 @@ def configure_from_weights(config, g_tensors, ae_tensors=None):
   return config
 
 
+def generator_input_channels(generator) -> int:
+  from aegan_jax import modalities  # pylint: disable=g-import-not-at-top
+  return modalities.generator_input_channels(generator.num_modalities)
+
+
+def check_weights(module, variables, input_shape, network: str) -> None:
+  """Before anything is written: every tensor has the architecture's shape and finite values."""
+  from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    checkpoints.check_variables(module, variables, input_shape, network)
+  except checkpoints.CheckpointError as e:
+    raise ImportError_(str(e)) from None
+
+
 def import_weights(generator_path, config, workdir, autoencoder_path=None, step=0):
   """Official weights -> `<workdir>/checkpoints/<step>`; returns the config it stores.
 
@@ -491,8 +508,14 @@ def import_weights(generator_path, config, workdir, autoencoder_path=None, step=
   g_tensors = _read_network(generator_path, 'G/')
   ae_tensors = _read_network(autoencoder_path, 'AE/') if autoencoder_path else None
   config = configure_from_weights(config, g_tensors, ae_tensors)
-  _, g_vars = load_generator(g_tensors)
-  ae_vars = load_autoencoder(ae_tensors)[1] if ae_tensors is not None else None
+  generator, g_vars = load_generator(g_tensors)
+  size = config.data.image_size
+  check_weights(generator, g_vars, (1, size, size, generator_input_channels(generator)),
+                'generator')
+  ae_vars = None
+  if ae_tensors is not None:
+    autoencoder, ae_vars = load_autoencoder(ae_tensors)
+    check_weights(autoencoder, ae_vars, (1, size, size, 1), 'autoencoder')
   checkpoints.save_networks(workdir, step, config, g_vars, ae_vars)
   return config
 

@@ -383,6 +383,10 @@ class Prepared:
 def prepare_case(job: Job, data_config) -> Prepared:
   """Reads and preprocesses a case's inputs once, for all of its targets."""
   volumes = {m: read_volume(job.case.files[m], job.shape) for m in job.inputs}
+  for modality, volume in volumes.items():
+    if not volume.any():
+      print(f'warning: {job.case.files[modality]}: every voxel is 0; the synthesis has '
+            'nothing to learn from in this input', file=sys.stderr, flush=True)
   return Prepared(volumes, preprocess_inputs(volumes, list(data_config.modalities), data_config))
 
 

@@ -7,6 +7,7 @@ writes sample grids, and evaluates the final generator.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
@@ -24,6 +25,7 @@ from aegan_jax import data
 from aegan_jax import parallel
 from aegan_jax import samples
 from aegan_jax import train
+from aegan_jax import workdir_lock
 
 
 class ConfigError(ValueError):
@@ -52,8 +54,10 @@ def validate_config(config) -> None:
        'must be positive when train.num_steps is 0'),
       ('train.log_every', config.train.log_every > 0, 'must be positive'),
       ('train.checkpoint_every', config.train.checkpoint_every > 0, 'must be positive'),
-      ('data.image_size', config.data.image_size % 4 == 0 and config.data.image_size >= 8,
-       'must be a multiple of 4, at least 8'),
+      ('train.sample_every', config.train.sample_every > 0, 'must be positive'),
+      # Below 16 px the discriminator's patch-logit map is empty and the GAN loss NaN.
+      ('data.image_size', config.data.image_size % 4 == 0 and config.data.image_size >= 16,
+       'must be a multiple of 4, at least 16'),
       ('model.ngf', config.model.ngf > 0, 'must be positive'),
       ('model.norm', config.model.norm in ('batch', 'instance'), "must be 'batch' or 'instance'"),
       ('loss.gan_mode', config.loss.gan_mode in ('vanilla', 'lsgan'),
@@ -256,14 +260,50 @@ class StopRequest:
 
 def train_and_evaluate(config, workdir) -> train.TrainState:
   """Trains to `total_steps` (resuming from `workdir` if it has checkpoints), then evaluates."""
-  workdir = pathlib.Path(workdir).resolve()
-  workdir.mkdir(parents=True, exist_ok=True)
   validate_config(config)
+  workdir = make_workdir(workdir)
   mesh = parallel.make_mesh()
   try:
     parallel.check_batch_divisible(config.train.global_batch_size, mesh)
   except ValueError as e:
     raise ConfigError(f'config.{e}') from e
+  with _run_lock(workdir):
+    return _train(config, workdir, mesh)
+
+
+def make_workdir(workdir) -> pathlib.Path:
+  workdir = pathlib.Path(workdir).resolve()
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / '.write-test'
+    probe.touch()
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f'--workdir {workdir}: {e.strerror or e}') from None
+  return workdir
+
+
+@contextlib.contextmanager
+def _run_lock(workdir: pathlib.Path):
+  """One run per workdir; process 0 holds the lock for every host."""
+  path, refusal = None, ''
+  if jax.process_index() == 0:
+    try:
+      path = workdir_lock.acquire(workdir)
+    except workdir_lock.WorkdirLocked as e:
+      refusal = str(e)
+  if jax.process_count() > 1:
+    refusal = _broadcast_text(refusal)
+  if refusal:
+    raise ConfigError(refusal)
+  try:
+    yield
+  finally:
+    if path is not None:
+      path.unlink(missing_ok=True)
+
+
+def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
   write_run_info(config, workdir)
   prepared = ensure_prepared(config, workdir)
   manifest = data.load_manifest(prepared)

@@ -102,7 +102,14 @@ def dataset_modalities(dataset: str) -> tuple[str, ...]:
 
 
 def _nifti_files(root: pathlib.Path):
-  for dirpath, dirnames, filenames in os.walk(root):
+  """NIfTI files below `root`, following symlinked folders (each real folder once)."""
+  seen = set()
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:  # A link loop, or two links to one folder.
+      dirnames[:] = []
+      continue
+    seen.add(real)
     dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
     for name in sorted(filenames):
       if _NIFTI.match(name) and not name.startswith('.'):

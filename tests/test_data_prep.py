@@ -347,3 +347,14 @@ def test_overwrite_replaces_only_a_prepared_dataset(tmp_path):
   with pytest.raises(DataError, match='holds no prepared dataset'):
     prepare.prepare_dataset(src, dst, overwrite=True, **FAST)
   assert (dst / 'thesis.tex').read_text() == 'keep me'
+
+
+def test_symlinked_case_folders_are_found(tmp_path):
+  src = _brats2020(tmp_path / 'store', 2)
+  links = tmp_path / 'links'
+  links.mkdir()
+  for case in sorted(src.iterdir()):
+    (links / case.name).symlink_to(case, target_is_directory=True)
+  (links / 'loop').symlink_to(links, target_is_directory=True)
+  assert [c.subject_id for c in layouts.find_cases(links)] == sorted(
+      p.name for p in src.iterdir())

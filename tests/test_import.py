@@ -1,4 +1,5 @@
 """Importing official weights into an Orbax checkpoint, then restoring them."""
+import jax
 import numpy as np
 import pytest
 
@@ -100,3 +101,52 @@ def _ae_only(parity_fixture_path, tmp_path):
   path = tmp_path / 'AE.npz'
   np.savez(path, **{k[3:]: fixture[k] for k in fixture.files if k.startswith('AE/')})
   return path
+
+
+def _generator_npz(parity_fixture_path, tmp_path, change):
+  """The fixture's generator tensors with one of them changed by `change(name, tensors)`."""
+  fixture = np.load(parity_fixture_path)
+  tensors = {k[2:]: fixture[k] for k in fixture.files if k.startswith('G/')}
+  change(tensors)
+  path = tmp_path / 'G.npz'
+  np.savez(path, **tensors)
+  return path
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda t: t.update({'res_blocks.0.conv_block.1.weight':
+                         t['res_blocks.0.conv_block.1.weight'][:, :, :2, :2]}),
+     "tensor ['params']['blocks_0']['conv_0']['kernel'] has shape (2, 2, 32, 32), the "
+     'architecture needs (3, 3, 32, 32)'),
+    (lambda t: t.update({'encoder_0_0.2.running_var': t['encoder_0_0.2.running_var'][:3]}),
+     "tensor ['batch_stats']['encoder_0']['norm_in']['var'] has shape (3,)"),
+    (lambda t: t['decoder_0.0.weight'].__setitem__((0, 0, 0, 0), np.nan),
+     "tensor ['params']['decoder_0']['up']['kernel'] holds NaN or Inf"),
+])
+def test_malformed_weights_are_refused_before_anything_is_written(
+    parity_fixture_path, tmp_path, capsys, change, message):
+  path = _generator_npz(parity_fixture_path, tmp_path, change)
+  assert official.main(['import', '--generator', str(path), '--config', CONFIG,
+                        '--workdir', str(tmp_path / 'w')]) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count('\n') == 1, err
+  assert not (tmp_path / 'w').exists()
+
+
+def test_random_bytes_are_not_a_weights_file(tmp_path, capsys):
+  path = tmp_path / 'G.npz'
+  path.write_bytes(np.random.default_rng(0).bytes(4096))
+  assert official.main(['import', '--generator', str(path), '--config', CONFIG,
+                        '--workdir', str(tmp_path / 'w')]) == 2
+  assert 'not a weights file' in capsys.readouterr().err
+
+
+def test_non_finite_weights_in_a_checkpoint_stop_synthesis(imported, tmp_path):
+  _, config = checkpoints.read_checkpoint_config(imported)
+  variables = synthesize.Synthesizer.restore(imported, batch_size=1).variables
+  variables = jax.tree.map(np.array, jax.device_get(variables))
+  variables['params']['output']['conv']['bias'][0] = np.inf
+  checkpoints.save_networks(tmp_path / 'nan', 0, config, variables)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"\['output'\]\['conv'\]\['bias'\] holds NaN or Inf"):
+    synthesize.Synthesizer.restore(tmp_path / 'nan', batch_size=1)

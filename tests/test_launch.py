@@ -185,3 +185,52 @@ def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monke
   assert int(state.step) == stopped_at
   assert checkpoints.make_manager(tmp_path).all_steps() == [stopped_at]
   assert f'saved step {stopped_at} in' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('field,value', [('train.sample_every', 0), ('train.sample_every', -1),
+                                         ('train.log_every', 0), ('data.image_size', 8),
+                                         ('data.image_size', 12), ('data.image_size', 18)])
+def test_bad_intervals_and_image_sizes_are_one_line_errors(prepared, tmp_path, capsys, field,
+                                                           value):
+  config = tiny_config(prepared, num_steps=1)
+  group, name = field.split('.')
+  config[group][name] = value
+  assert launcher.run(config, tmp_path) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: config.{field}={value}') and err.count('\n') == 1, err
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_one_run_per_workdir(prepared, tmp_path, capsys):
+  from aegan_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  lock = tmp_path / workdir_lock.LOCK_NAME
+  # Held by a live process (this one): refused, naming it.
+  assert workdir_lock.acquire(tmp_path) == lock
+  assert launcher.run(tiny_config(prepared, num_steps=1), tmp_path) == 2
+  err = capsys.readouterr().err
+  assert f'is in use by PID {os.getpid()}' in err and err.count('\n') == 1
+  assert not (tmp_path / 'checkpoints').exists()
+  # Left by a process that has died: taken over with a warning, released at the end.
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  lock.write_text(f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}", "started": "x"}}')
+  assert launcher.run(tiny_config(prepared, num_steps=1), tmp_path) == 0
+  assert f'taking over {lock} from PID {dead.pid}' in capsys.readouterr().err
+  assert not lock.exists()
+
+
+def test_workdir_that_is_a_file_is_a_one_line_error(prepared, tmp_path, capsys):
+  workdir = tmp_path / 'w'
+  workdir.write_text('x')
+  assert launcher.run(tiny_config(prepared, num_steps=1), workdir) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: --workdir {workdir}') and err.count('\n') == 1, err
+  assert workdir.read_text() == 'x'
+
+
+def test_unknown_config_field_is_one_line(tmp_path):
+  run = subprocess.run([sys.executable, 'launch.py', '--config=configs/demo.py',
+                        f'--workdir={tmp_path}', '--config.train.bogus=1'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert run.returncode == 2
+  assert run.stderr.strip() == "error: --config.train.bogus: no such config field ('bogus')"

@@ -239,3 +239,13 @@ def test_output_that_is_a_file(workdir, raw, tmp_path, capsys):
   (tmp_path / 'out').write_text('x')
   assert run('--workdir', workdir, '--input', cases, '--output', tmp_path / 'out') == 2
   assert 'is a file' in capsys.readouterr().err
+
+
+def test_all_zero_input_is_warned_about(workdir, raw, tmp_path, capsys):
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t2']})
+  path = cases / 'BraTS20_Training_001' / 'BraTS20_Training_001_t1.nii.gz'
+  image = nib.load(path)
+  nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine, image.header), path)
+  assert run('--workdir', workdir, '--input', cases / 'BraTS20_Training_001', '--output',
+             tmp_path / 'out') == 0
+  assert f'warning: {path}: every voxel is 0' in capsys.readouterr().err
