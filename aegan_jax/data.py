@@ -26,6 +26,7 @@ import numpy as np
 
 from aegan_jax import modalities as modalities_lib
 from data_prep import prepare
+from data_prep.errors import DataError
 
 
 def load_manifest(prepared_dir) -> dict:
@@ -42,8 +43,41 @@ def data_source(prepared_dir, split: str = 'train'):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if num_examples(prepared_dir, split) == 0:
     raise ValueError(f'{prepared_dir}: split {split!r} holds no slices')
+  check_shards(prepared_dir, split)
   builder = tfds.builder_from_directory(str(prepare.tfds_dir(prepared_dir)))
   return builder.as_data_source(split=split)
+
+
+def check_shards(prepared_dir, split: str) -> None:
+  """Every shard of `split` is there and whole; else one line naming it, with the fix.
+
+  A truncated ArrayRecord file opens as empty, so the records are counted.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  folder = prepare.tfds_dir(prepared_dir)
+  fix = f'prepare again (python -m data_prep ... --dst {prepared_dir} --overwrite)'
+  shards = sorted(folder.glob(f'{prepare.BUILDER_NAME}-{split}.array_record-*-of-*'))
+  if not shards:
+    raise DataError(f'{folder}: the {split} shards are missing; {fix}')
+  expected_files = int(shards[0].name.rsplit('-of-', 1)[1])
+  for index in range(expected_files):
+    name = shards[0].name.rsplit('-', 3)[0] + f'-{index:05d}-of-{expected_files:05d}'
+    if not (folder / name).is_file():
+      raise DataError(f'{folder / name}: missing; {fix}')
+  total = 0
+  for shard in shards:
+    try:
+      reader = array_record_module.ArrayRecordReader(str(shard))
+      count = reader.num_records()
+      reader.close()
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(f'{shard}: unreadable ({type(e).__name__}); {fix}') from None
+    if count == 0:
+      raise DataError(f'{shard}: damaged (no readable records); {fix}')
+    total += count
+  if total != num_examples(prepared_dir, split):
+    raise DataError(f'{folder}: the {split} shards hold {total} slices but {prepare.MANIFEST} '
+                    f'lists {num_examples(prepared_dir, split)}; {fix}')
 
 
 class DecodeSlice(grain.transforms.Map):

@@ -160,7 +160,11 @@ def convert_state_dict(tensors, entries):
     if kind == 'dense' and tensors[f'{prefix}.weight'].size == 0:
       used.add(f'{prefix}.weight')
       continue
-    p, s = _convert(kind, tensors, prefix)
+    try:
+      p, s = _convert(kind, tensors, prefix)
+    except ValueError:
+      raise ImportError_(f'tensor {prefix}.weight has shape {tensors[f"{prefix}.weight"].shape}, '
+                         f'which does not fit a {kind} layer of the official architecture') from None
     _set(params, path, p)
     if s:
       _set(stats, path, s)

@@ -358,10 +358,28 @@ def _maybe_resume(manager, state, iterator, config, workdir):
   latest = manager.latest_step()
   if latest is None:
     return state
-  checkpoints.check_compatible(checkpoints.read_meta(manager, latest), config,
-                               checkpoints.checkpoint_dir(workdir))
-  log(f'resuming from step {latest} in {checkpoints.checkpoint_dir(workdir)}')
-  return checkpoints.restore_train_state(manager, latest, state, iterator)
+  where = checkpoints.checkpoint_dir(workdir)
+  try:
+    meta = checkpoints.read_meta(manager, latest)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(manager, where, latest, e) from None
+  checkpoints.check_compatible(meta, config, where)
+  log(f'resuming from step {latest} in {where}')
+  try:
+    return checkpoints.restore_train_state(manager, latest, state, iterator)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(manager, where, latest, e) from None
+
+
+def _damaged(manager, where, step, error) -> checkpoints.CheckpointError:
+  """One line naming the damaged step and how to fall back to the one before."""
+  detail = (str(error).strip().splitlines() or [''])[0][:200]
+  earlier = [s for s in manager.all_steps() if s < step]
+  fallback = (f'move {where / str(step)} aside to resume from step {max(earlier)}' if earlier
+              else f'move {where / str(step)} aside to start afresh')
+  return checkpoints.CheckpointError(
+      f'{where / str(step)}: damaged checkpoint of step {step} ({type(error).__name__}: '
+      f'{detail}); {fallback}')
 
 
 def _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer,

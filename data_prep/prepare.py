@@ -49,7 +49,10 @@ def load_manifest(prepared_dir) -> dict:
   path = pathlib.Path(prepared_dir) / MANIFEST
   if not path.is_file():
     raise DataError(f'{path}: not found; run python -m data_prep first')
-  return json.loads(path.read_text())
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise DataError(f'{path}: damaged ({e}); prepare again with --overwrite') from None
 
 
 def tfds_dir(prepared_dir) -> pathlib.Path:

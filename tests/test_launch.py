@@ -1,6 +1,7 @@
 """The training job end to end: checkpoints, exact resume, devices, signals, bad configs."""
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,3 +235,37 @@ def test_unknown_config_field_is_one_line(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert run.returncode == 2
   assert run.stderr.strip() == "error: --config.train.bogus: no such config field ('bogus')"
+
+
+def test_damaged_latest_checkpoint_names_the_step_and_the_fallback(prepared, tmp_path, capsys):
+  trainer.train_and_evaluate(tiny_config(prepared, num_steps=4), tmp_path)
+  damaged = tmp_path / 'checkpoints' / '4'
+  for path in damaged.rglob('*'):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  assert launcher.run(tiny_config(prepared, num_steps=6), tmp_path) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {damaged}: damaged checkpoint of step 4') and err.count('\n') == 1
+  assert f'move {damaged} aside to resume from step 2' in err
+  shutil.move(damaged, tmp_path / 'step4-damaged')
+  assert launcher.run(tiny_config(prepared, num_steps=6), tmp_path) == 0
+  assert 'resuming from step 2' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'delete', 'manifest'])
+def test_damaged_prepared_dataset_names_the_file_and_the_fix(prepared, tmp_path, capsys, damage):
+  copy = tmp_path / 'prepared'
+  shutil.copytree(prepared, copy)
+  shard = next(copy.rglob('*-train.array_record-*'))
+  if damage == 'truncate':
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  elif damage == 'delete':
+    shard.unlink()
+  else:
+    (copy / 'manifest.json').write_text((copy / 'manifest.json').read_text()[:100])
+  assert launcher.run(tiny_config(copy, num_steps=1), tmp_path / 'run') == 2
+  err = capsys.readouterr().err
+  named = copy / 'manifest.json' if damage == 'manifest' else (
+      shard if damage == 'truncate' else shard.parent)
+  assert err.startswith(f'error: {named}') and 'prepare again' in err, err
+  assert err.count('\n') == 1

@@ -69,3 +69,13 @@ def test_pth_state_dict_is_read_without_unpickling_objects(parity_fixture_path, 
   with pytest.raises(official.ImportError_, match='not a plain PyTorch state dict'):
     official.read_state_dict(tmp_path / 'pickled.pth')
 
+
+
+def test_check_on_an_empty_or_mis_shaped_file_is_one_line(tmp_path, capsys):
+  np.savez(tmp_path / 'empty.npz')
+  np.savez(tmp_path / 'mis.npz', **{'G/encoder_0_0.1.weight': np.zeros((3, 3), np.float32)})
+  for name, message in (('empty.npz', 'not a weights file'),
+                        ('mis.npz', 'tensor encoder_0_0.1.weight has shape (3, 3)')):
+    assert official.main(['check', str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1, err
