@@ -14,6 +14,7 @@ import pathlib
 import platform
 import shutil
 import signal
+import tempfile
 import time
 from importlib import metadata
 
@@ -275,9 +276,8 @@ def make_workdir(workdir) -> pathlib.Path:
   workdir = pathlib.Path(workdir).resolve()
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / '.write-test'
-    probe.touch()
-    probe.unlink()
+    with tempfile.TemporaryFile(dir=workdir):  # A unique name: every host probes at once.
+      pass
   except OSError as e:
     raise ConfigError(f'--workdir {workdir}: {e.strerror or e}') from None
   return workdir

@@ -31,14 +31,30 @@ def free_port() -> int:
 
 
 def start_two_hosts(workdir, overrides):
+  """Both processes, each writing its output to a file (an undrained pipe could fill and
+  block one process while the other waits for it at a collective)."""
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
          'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
   address = f'localhost:{free_port()}'
-  return [subprocess.Popen(
-      [sys.executable, 'launch.py', '--config=configs/demo.py', f'--workdir={workdir}',
-       *overrides, f'--coordinator_address={address}', '--num_processes=2',
-       f'--process_id={i}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [pathlib.Path(f'{workdir}.host{i}.log') for i in range(2)]
+  processes = []
+  for i, log in enumerate(logs):
+    with open(log, 'w') as out:
+      processes.append(subprocess.Popen(
+          [sys.executable, 'launch.py', '--config=configs/demo.py', f'--workdir={workdir}',
+           *overrides, f'--coordinator_address={address}', '--num_processes=2',
+           f'--process_id={i}'], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+    processes[-1].log = log
+  return processes
+
+
+def wait_for_line(process, prefix, timeout=300):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and process.poll() is None:
+    if any(line.startswith(prefix) for line in process.log.read_text().splitlines()):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f'no line {prefix!r}: {process.log.read_text()}')
 
 
 def training_overrides(prepared_dir, evaluate=False):
@@ -51,24 +67,23 @@ def training_overrides(prepared_dir, evaluate=False):
 
 
 def finish(processes, timeout=300):
-  outputs = [p.communicate(timeout=timeout)[0] for p in processes]
-  return [p.returncode for p in processes], outputs
+  for process in processes:
+    process.wait(timeout=timeout)
+  return [p.returncode for p in processes], [p.log.read_text() for p in processes]
 
 
 def test_stop_signal_on_one_host_stops_both_then_resumes_exactly(prepared, tmp_path):
   straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
   codes, outputs = finish(start_two_hosts(straight, training_overrides(prepared, evaluate=True)))
   assert codes == [0, 0], outputs
-  assert f'on 4 device(s)' in outputs[0]
+  assert 'on 4 device(s)' in outputs[0]
   assert (straight / 'eval' / str(STEPS) / 'metrics.json').exists()
   assert (straight / 'samples' / 'step_0000010.png').exists()  # process 0, host-local copy
 
   processes = start_two_hosts(stopped, training_overrides(prepared))
-  for line in processes[0].stdout:
-    if line.startswith('step 3/'):
-      processes[1].send_signal(signal.SIGTERM)  # host 1 only
-      signalled = time.monotonic()
-      break
+  wait_for_line(processes[0], 'step 3/')
+  processes[1].send_signal(signal.SIGTERM)  # host 1 only
+  signalled = time.monotonic()
   codes, outputs = finish(processes, timeout=60)
   assert codes == [0, 0], outputs
   assert time.monotonic() - signalled < 30
@@ -88,15 +103,19 @@ def test_stop_signal_on_one_host_stops_both_then_resumes_exactly(prepared, tmp_p
   assert_states_equal(state, restored_state(stopped, config))
 
 
-def test_failed_preparation_on_process_0_stops_every_host_naming_the_file(tmp_path):
+def test_failed_preparation_on_process_0_stops_every_host_then_a_relaunch_trains(tmp_path):
   from data_prep import phantom
   raw = tmp_path / 'raw'
-  phantom.write_phantom_dataset(raw, 2, seed=1, shape=(40, 40, 24))
+  phantom.write_phantom_dataset(raw, 3, seed=1, shape=(40, 40, 24))
   bad = sorted(raw.glob('*/*_t2.nii*'))[0]
+  good = bad.read_bytes()
   bad.write_bytes(b'not a nifti file')
   overrides = [f'--config.data.raw_dir={raw}', '--config.data.phantom_subjects=0',
                f'--config.data.prepared_dir={tmp_path / "prepared"}',
-               '--config.data.image_size=32']
+               '--config.data.image_size=32', '--config.data.slices=range:8:16',
+               '--config.data.split_ratios=(0.34, 0.33, 0.33)', '--config.model.ngf=8',
+               '--config.model.num_blocks=1', '--config.train.global_batch_size=4',
+               '--config.train.num_steps=2', '--config.train.evaluate_at_end=False']
   started = time.monotonic()
   codes, outputs = finish(start_two_hosts(tmp_path / 'run', overrides), timeout=120)
   assert time.monotonic() - started < 120
@@ -104,3 +123,7 @@ def test_failed_preparation_on_process_0_stops_every_host_naming_the_file(tmp_pa
   for output in outputs:
     assert bad.name in output, output
   assert not (tmp_path / 'prepared').exists()
+  bad.write_bytes(good)  # The user fixes the file and runs the same command again.
+  codes, outputs = finish(start_two_hosts(tmp_path / 'run', overrides))
+  assert codes == [0, 0], outputs
+  assert checkpoints.make_manager(tmp_path / 'run').all_steps() == [2]
