@@ -64,7 +64,7 @@ def check_shards(prepared_dir, split: str) -> None:
     name = shards[0].name.rsplit('-', 3)[0] + f'-{index:05d}-of-{expected_files:05d}'
     if not (folder / name).is_file():
       raise DataError(f'{folder / name}: missing; {fix}')
-  total = 0
+  expected, total = num_examples(prepared_dir, split), 0
   for shard in shards:
     try:
       reader = array_record_module.ArrayRecordReader(str(shard))
@@ -75,9 +75,9 @@ def check_shards(prepared_dir, split: str) -> None:
     if count == 0:
       raise DataError(f'{shard}: damaged (no readable records); {fix}')
     total += count
-  if total != num_examples(prepared_dir, split):
+  if total != expected:
     raise DataError(f'{folder}: the {split} shards hold {total} slices but {prepare.MANIFEST} '
-                    f'lists {num_examples(prepared_dir, split)}; {fix}')
+                    f'lists {expected}; {fix}')
 
 
 class DecodeSlice(grain.transforms.Map):

@@ -320,17 +320,11 @@ def _umask() -> int:
   return mask
 
 
-def overlaps(a, b) -> bool:
-  """True when folders `a` and `b` are the same, or one lies inside the other."""
-  a, b = pathlib.Path(a).resolve(), pathlib.Path(b).resolve()
-  return a == b or a in b.parents or b in a.parents
-
-
 def check_output_folder(input_path, out_dir) -> None:
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not out_dir.is_dir():
     raise SynthesisError(f'--output {out_dir} is a file; give a folder')
-  if overlaps(input_path, out_dir):
+  if layouts.paths_overlap(input_path, out_dir):
     raise SynthesisError(f'--output {out_dir} overlaps --input {input_path}: choose a folder '
                          'outside the inputs (synthesis never writes among acquired scans)')
 

@@ -101,6 +101,12 @@ def dataset_modalities(dataset: str) -> tuple[str, ...]:
           ISLES2015: modalities_lib.ISLES2015_MODALITIES}[dataset]
 
 
+def paths_overlap(a, b) -> bool:
+  """True when folders `a` and `b` are the same, or one lies inside the other."""
+  a, b = pathlib.Path(a).resolve(), pathlib.Path(b).resolve()
+  return a == b or a in b.parents or b in a.parents
+
+
 def _nifti_files(root: pathlib.Path):
   """NIfTI files below `root`, following symlinked folders (each real folder once)."""
   seen = set()

@@ -378,10 +378,8 @@ def _check_destination(dst: pathlib.Path, sources) -> None:
   """The output may neither be, lie inside, nor contain a raw source folder."""
   if dst.exists() and not dst.is_dir():
     raise DataError(f'--dst {dst} is a file; give a folder')
-  target = dst.resolve()
   for src in sources:
-    source = pathlib.Path(src).resolve()
-    if target == source or source in target.parents or target in source.parents:
+    if layouts.paths_overlap(dst, src):
       raise DataError(f'--dst {dst} overlaps the raw data {src}: choose a folder outside it')
 
 
