@@ -1,7 +1,7 @@
 """Measures preparation and loading throughput on a generated phantom.
 
   python benchmarks/input_pipeline.py [--subjects 6] [--shape 240,240,155]
-      [--slices nonempty:0.1] [--image-size 256] [--workers 0,2]
+      [--slices nonempty:0.1] [--image-size 256] [--workers 0,2] [--prepared DIR]
 
 Prints phantom generation s/subject, preparation slices/s (NIfTI reading
 threads = each --workers value, at least 1) and loading slices/s of the
@@ -44,9 +44,14 @@ def main():
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--batches', type=int, default=20)
   parser.add_argument('--workers', default='0,2')
+  parser.add_argument('--prepared', type=pathlib.Path,
+                      help='load this prepared dataset instead of generating one')
   args = parser.parse_args()
-  shape = tuple(int(s) for s in args.shape.split(','))
   workers = [int(w) for w in args.workers.split(',')]
+  if args.prepared:
+    _report_loading(args, args.prepared, workers)
+    return
+  shape = tuple(int(s) for s in args.shape.split(','))
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     start = time.perf_counter()
@@ -63,14 +68,17 @@ def main():
           workers=max(count, 1), progress=False)
       print(f'prepare (reader threads={max(count, 1)}): {report["slices"]} '
             f'slices, {report["slices_per_second"]:.1f} slices/s')
-    for full in (True, False):
-      for count in workers:
-        rate = _loading_rate(prepared, args.batch_size, args.batches, count,
-                             full)
-        what = 'with' if full else 'without'
-        print(f'load (grain workers={count}, batch {args.batch_size}, '
-              f'{args.image_size}x{args.image_size}x4, {what} '
-              f'generator_input): {rate:.1f} slices/s')
+    _report_loading(args, prepared, workers)
+
+
+def _report_loading(args, prepared, workers):
+  for full in (True, False):
+    for count in workers:
+      rate = _loading_rate(prepared, args.batch_size, args.batches, count, full)
+      what = 'with' if full else 'without'
+      print(f'load (grain workers={count}, batch {args.batch_size}, '
+            f'{args.image_size}x{args.image_size}x4, {what} '
+            f'generator_input): {rate:.1f} slices/s', flush=True)
 
 
 if __name__ == '__main__':  # Grain worker processes re-import this module.

@@ -47,47 +47,76 @@ def make_batch(size, batch):
           'target': np.take_along_axis(images, targets[:, None, None, None], axis=-1)}
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def init(size, ngf, dtype):
+  """Returns (trainer, fresh state) for the official configuration at this size."""
   config = brats.get_config()
-  config.model.ngf = args.ngf
-  config.model.dtype = args.dtype
+  config.model.ngf = ngf
+  config.model.dtype = dtype
   trainer = train.make_trainer(config, 4)
-  state = train.init_state(trainer, jax.random.PRNGKey(0), args.size, config.loss.sr_weight)
-  batch = jax.device_put(make_batch(args.size, args.batch))
-  step = jax.jit(functools.partial(train.train_step, trainer=trainer), donate_argnums=0)
+  return trainer, train.init_state(trainer, jax.random.PRNGKey(0), size, config.loss.sr_weight)
 
+
+def compile_iteration(trainer, state, size, batch):
+  """Returns (compiled step, batch on device, compile seconds, FLOPs per iteration)."""
+  inputs = jax.device_put(make_batch(size, batch))
+  step = jax.jit(functools.partial(train.train_step, trainer=trainer), donate_argnums=0)
   start = time.perf_counter()
-  lowered = step.lower(state, batch)
+  lowered = step.lower(state, inputs)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  # The lowered (pre-backend) HLO's count: the same on every backend, whereas compiled GPU
-  # modules hide their convolutions inside library calls that the analysis skips.
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  return compiled, inputs, compile_s, _flops(step, state, inputs)
 
-  state, metrics = compiled(state, batch)  # warm-up
+
+def _flops(step, state, inputs):
+  """FLOPs of the program lowered for the CPU: the same HLO on every backend, whereas
+  the GPU's analysis gives none (its convolutions are library calls)."""
+  try:
+    lowered = step.trace(state, inputs).lower(lowering_platforms=('cpu',))
+    cost = lowered.cost_analysis()
+  except Exception:  # noqa: BLE001  (a figure to print, not a result to trust blindly)
+    return float('nan')
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+
+def time_iterations(compiled, state, inputs, steps):
+  """Runs one warm-up and `steps` timed iterations; returns (state, seconds per iteration)."""
+  state, metrics = compiled(state, inputs)
   jax.block_until_ready(metrics)
   times = []
-  for _ in range(args.steps):
+  for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, inputs)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+  return state, times
+
+
+def measure(size, batch, ngf, dtype, steps):
+  """Compiles and times one configuration; returns the figures as a dict."""
+  trainer, state = init(size, ngf, dtype)
+  compiled, inputs, compile_s, flops = compile_iteration(trainer, state, size, batch)
+  _, times = time_iterations(compiled, state, inputs, steps)
   median = statistics.median(times)
-  results = {
+  return {
       'device': str(jax.devices()[0].device_kind), 'num_devices': jax.device_count(),
-      'size': args.size, 'batch': args.batch, 'ngf': args.ngf, 'dtype': args.dtype,
+      'size': size, 'batch': batch, 'ngf': ngf, 'dtype': dtype,
       'compile_s': compile_s, 'median_s_per_iter': median, 'min_s_per_iter': min(times),
-      'max_s_per_iter': max(times), 'slices_per_s': args.batch / median,
+      'max_s_per_iter': max(times), 'slices_per_s': batch / median,
       'flops_per_iter': flops, 'gflops_per_s': flops / median / 1e9,
       'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   }
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  results = measure(args.size, args.batch, args.ngf, args.dtype, args.steps)
+  median, flops, compile_s = (results['median_s_per_iter'], results['flops_per_iter'],
+                              results['compile_s'])
   print(f"device            {results['device']} x{results['num_devices']}")
   print(f"config            {args.size}x{args.size}, batch {args.batch}, ngf {args.ngf}, {args.dtype}")
   print(f"compile           {compile_s:.1f} s")
-  print(f"s/iteration       median {median:.3f} (min {min(times):.3f}, max {max(times):.3f}) "
+  print(f"s/iteration       median {median:.3f} (min {results['min_s_per_iter']:.3f}, max {results['max_s_per_iter']:.3f}) "
         f"over {args.steps}")
   print(f"slices/s          {results['slices_per_s']:.2f}")
   print(f"FLOPs/iteration   {flops / 1e12:.3f} TFLOP (XLA cost analysis)")
