@@ -4,6 +4,7 @@ r"""Trains or evaluates AE-GAN.
   python launch.py --config=configs/brats.py --workdir=runs/brats \
       --config.data.raw_dir=/data/MICCAI_BraTS2020_TrainingData --config.train.num_steps=100
   python launch.py --config=configs/brats.py --workdir=runs/brats --mode=evaluate [--step=N]
+  python launch.py --config=configs/brats.py --workdir=runs/brats --step=N   # resume from step N
 """
 import sys
 
@@ -16,7 +17,8 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, samples and results.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'], 'Train (then evaluate), or only evaluate.')
-flags.DEFINE_integer('step', None, 'With --mode=evaluate: the checkpoint step (default: latest).')
+flags.DEFINE_integer('step', None, 'The checkpoint step to evaluate, or to resume training from '
+                     '(default: latest; later checkpoints are moved aside).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')

@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -474,6 +475,11 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
       f'{data.num_examples(prepared_dir, evaluated_split)} slices), '
       f'{synthesizer.mesh.devices.size} device(s); baselines: ' +
       ', '.join(f'{t} <- {modalities[b]}' for t, b in zip(modalities, baselines)))
+  # Official-mode results sit beside the eval-mode ones instead of replacing them.
+  folder = f'{step}-official' if synthesizer.official_test_mode else str(step)
+  out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / folder)
+  if main_process:
+    _check_writable(out_dir)  # Before the work, not after it.
   rows, grids, sources, num_slices = [], {}, set(), 0
   for i, subject in enumerate(iterate_subjects(prepared_dir, evaluated_split)):
     tick = time.perf_counter()
@@ -491,9 +497,6 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
         f'SSIM {model["ssim"]["mean"]:.4f} (copy {modalities[baselines[modalities.index(target)]]}:'
         f' {base["psnr"]["mean"]:.2f} dB, {base["ssim"]["mean"]:.4f}); volume PSNR '
         f'{summary["model"]["volume"][target]["psnr"]["mean"]:.2f} dB')
-  # Official-mode results sit beside the eval-mode ones instead of replacing them.
-  folder = f'{step}-official' if synthesizer.official_test_mode else str(step)
-  out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / folder)
   report = {
       'step': step, 'split': evaluated_split, 'requested_split': split,
       'official_test_mode': synthesizer.official_test_mode,
@@ -511,9 +514,22 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
                 **{f'grid_{t}': str(out_dir / f'grid_{t}.png') for t in modalities}},
   }
   if main_process:
-    _write_outputs(report, rows, grids, out_dir)
+    try:
+      _write_outputs(report, rows, grids, out_dir)
+    except OSError as e:
+      raise EvaluationError(f'{e.filename or out_dir}: cannot write ({e.strerror or e})') from None
   log(f'evaluate: wrote {out_dir} in {report["seconds"]:.1f} s')
   return report
+
+
+def _check_writable(out_dir: pathlib.Path) -> None:
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out_dir):
+      pass
+  except OSError as e:
+    raise EvaluationError(f'{out_dir}: cannot write the evaluation there '
+                          f'({e.strerror or e})') from None
 
 
 def _json_safe(tree):

@@ -16,7 +16,7 @@ def run(config, workdir, *, mode='train', step=None, coordinator_address=None,
   from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top
   try:
     if mode == 'train':
-      trainer.train_and_evaluate(config, workdir)
+      trainer.train_and_evaluate(config, workdir, step=step)
     else:
       trainer.validate_config(config)
       evaluate.evaluate(config, workdir, step=step)

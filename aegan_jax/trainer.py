@@ -259,8 +259,12 @@ class StopRequest:
 # The loop.
 
 
-def train_and_evaluate(config, workdir) -> train.TrainState:
-  """Trains to `total_steps` (resuming from `workdir` if it has checkpoints), then evaluates."""
+def train_and_evaluate(config, workdir, step: int | None = None) -> train.TrainState:
+  """Trains to `total_steps`, then evaluates.
+
+  Resumes from the latest checkpoint in `workdir`, or from `step`: checkpoints after it are
+  then moved to `<workdir>/checkpoints_set_aside/`, never deleted.
+  """
   validate_config(config)
   workdir = make_workdir(workdir)
   mesh = parallel.make_mesh()
@@ -269,6 +273,8 @@ def train_and_evaluate(config, workdir) -> train.TrainState:
   except ValueError as e:
     raise ConfigError(f'config.{e}') from e
   with _run_lock(workdir):
+    if step is not None:
+      _resume_from(workdir, step)
     return _train(config, workdir, mesh)
 
 
@@ -301,6 +307,32 @@ def _run_lock(workdir: pathlib.Path):
   finally:
     if path is not None:
       path.unlink(missing_ok=True)
+
+
+def _resume_from(workdir: pathlib.Path, step: int) -> None:
+  """Makes `step` the latest checkpoint by moving later ones aside (process 0; all wait)."""
+  error = _set_aside_after(workdir, step) if jax.process_index() == 0 else ''
+  if jax.process_count() > 1:
+    error = _broadcast_text(error)
+  if error:
+    raise ConfigError(error)
+
+
+def _set_aside_after(workdir: pathlib.Path, step: int) -> str:
+  """Moves checkpoints after `step` to checkpoints_set_aside/; returns an error or ''."""
+  where = checkpoints.checkpoint_dir(workdir)
+  steps = sorted(int(p.name) for p in where.glob('*') if p.name.isdigit())
+  if step not in steps:
+    return f'--step {step}: no checkpoint of step {step} in {where} (there: {steps or "none"})'
+  aside = workdir / 'checkpoints_set_aside'
+  for later in (s for s in steps if s > step):
+    target = aside / str(later)
+    if target.exists():  # Set aside before: keep both.
+      target = aside / f'{later}.{time.strftime("%Y%m%d-%H%M%S")}'
+    aside.mkdir(exist_ok=True)
+    (where / str(later)).rename(target)
+    log(f'--step {step}: moved checkpoint {later} to {target}')
+  return ''
 
 
 def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
@@ -375,8 +407,8 @@ def _damaged(manager, where, step, error) -> checkpoints.CheckpointError:
   """One line naming the damaged step and how to fall back to the one before."""
   detail = (str(error).strip().splitlines() or [''])[0][:200]
   earlier = [s for s in manager.all_steps() if s < step]
-  fallback = (f'move {where / str(step)} aside to resume from step {max(earlier)}' if earlier
-              else f'move {where / str(step)} aside to start afresh')
+  fallback = (f'add --step={max(earlier)} to resume from step {max(earlier)} (later steps are '
+              f'moved aside)' if earlier else f'move {where / str(step)} aside to start afresh')
   return checkpoints.CheckpointError(
       f'{where / str(step)}: damaged checkpoint of step {step} ({type(error).__name__}: '
       f'{detail}); {fallback}')

@@ -81,6 +81,18 @@ def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path):
   assert (tmp_path / 'eval' / '2' / 'metrics.json').exists()
 
 
+def test_unwritable_evaluation_folder_fails_before_the_work(prepared, tmp_path, capsys):
+  config = tiny_config(prepared, num_steps=2)
+  trainer.train_and_evaluate(config, tmp_path)
+  (tmp_path / 'eval').write_text('x')  # Not a folder: fails as root too, unlike chmod.
+  capsys.readouterr()
+  assert launcher.run(config, tmp_path, mode='evaluate') == 2
+  captured = capsys.readouterr()
+  assert captured.err.startswith(f'error: {tmp_path / "eval" / "2"}: cannot write')
+  assert captured.err.count('\n') == 1 and '[1/' not in captured.out  # No subject evaluated.
+  assert (tmp_path / 'eval').read_text() == 'x'
+
+
 @pytest.mark.parametrize('norm', ['batch', 'instance'])
 def test_resume_equals_continuous(prepared, tmp_path, norm):
   def config(num_steps):
@@ -115,7 +127,7 @@ def test_incompatible_checkpoint_is_a_clear_error(prepared, tmp_path, capsys):
   assert 'trained with model.ngf=8 but the config has 16' in capsys.readouterr().err
 
 
-def test_sigterm_saves_and_resume_matches_uninterrupted(prepared, tmp_path):
+def test_sigterm_saves_a_second_launch_is_refused_and_resume_matches(prepared, tmp_path):
   steps = 40
   overrides = [f'--config.data.prepared_dir={prepared}', '--config.data.image_size=32',
                '--config.model.ngf=8', '--config.model.num_blocks=1', '--config.model.norm=batch',
@@ -128,9 +140,18 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(prepared, tmp_path):
        *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in process.stdout:  # Signal once training is under way.
     if line.startswith('step 2/'):
+      # A second launch on the same workdir (another seed) while the first trains: refused.
+      process.send_signal(signal.SIGSTOP)  # Holds the first run (and its lock) here.
+      second = subprocess.run(
+          [sys.executable, 'launch.py', '--config=configs/demo.py',
+           f'--workdir={tmp_path / "run"}', *overrides, '--config.train.seed=7'],
+          cwd=ROOT, capture_output=True, text=True, timeout=120)
+      process.send_signal(signal.SIGCONT)
       process.send_signal(signal.SIGTERM)
       break
   output = process.stdout.read()
+  assert second.returncode == 2 and second.stderr.count('\n') == 1, second.stderr
+  assert f'is in use by PID {process.pid}' in second.stderr
   assert process.wait(timeout=120) == 0, output
   assert 'stopped by SIGTERM' in output
   stopped_at = checkpoints.make_manager(tmp_path / 'run').latest_step()
@@ -237,7 +258,7 @@ def test_unknown_config_field_is_one_line(tmp_path):
   assert run.stderr.strip() == "error: --config.train.bogus: no such config field ('bogus')"
 
 
-def test_damaged_latest_checkpoint_names_the_step_and_the_fallback(prepared, tmp_path, capsys):
+def test_damaged_latest_checkpoint_names_the_step_and_step_falls_back(prepared, tmp_path, capsys):
   trainer.train_and_evaluate(tiny_config(prepared, num_steps=4), tmp_path)
   damaged = tmp_path / 'checkpoints' / '4'
   for path in damaged.rglob('*'):
@@ -246,10 +267,14 @@ def test_damaged_latest_checkpoint_names_the_step_and_the_fallback(prepared, tmp
   assert launcher.run(tiny_config(prepared, num_steps=6), tmp_path) == 2
   err = capsys.readouterr().err
   assert err.startswith(f'error: {damaged}: damaged checkpoint of step 4') and err.count('\n') == 1
-  assert f'move {damaged} aside to resume from step 2' in err
-  shutil.move(damaged, tmp_path / 'step4-damaged')
-  assert launcher.run(tiny_config(prepared, num_steps=6), tmp_path) == 0
+  assert 'add --step=2 to resume from step 2' in err
+  assert launcher.run(tiny_config(prepared, num_steps=6), tmp_path, step=3) == 2
+  assert capsys.readouterr().err == (f'error: --step 3: no checkpoint of step 3 in '
+                                     f'{damaged.parent} (there: [2, 4])\n')
+  assert launcher.run(tiny_config(prepared, num_steps=6), tmp_path, step=2) == 0
   assert 'resuming from step 2' in capsys.readouterr().out
+  assert (tmp_path / 'checkpoints_set_aside' / '4').is_dir()  # Moved, not deleted.
+  assert sorted(p.name for p in damaged.parent.iterdir() if p.name.isdigit()) == ['2', '4', '6']
 
 
 @pytest.mark.parametrize('damage', ['truncate', 'delete', 'manifest'])
