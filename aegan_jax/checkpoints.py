@@ -39,11 +39,11 @@ def checkpoint_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir).resolve() / 'checkpoints'
 
 
-def make_manager(workdir, *, max_to_keep: int | None = None, read_only: bool = False):
+def make_manager(workdir, *, max_to_keep: int | None = None, create: bool = True):
   import grain  # pylint: disable=g-import-not-at-top
-  # read_only here only means "do not create the folder": orbax's own read-only mode logs
-  # warnings on every use.
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only)
+  # For reading, create=False rather than orbax's read-only mode, which logs warnings on
+  # every use.
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
   handlers = {'generator': ocp.StandardCheckpointHandler(),
               'autoencoder': ocp.StandardCheckpointHandler(),
               'optimizer': ocp.StandardCheckpointHandler(),
@@ -134,11 +134,11 @@ def restore_train_state(manager, step: int, template: train.TrainState,
 
 
 def _open_step(workdir, step: int | None):
-  """(read-only manager, step): the latest step unless given; one-line errors otherwise."""
+  """(manager that creates nothing, step): the latest step unless given; one-line errors otherwise."""
   if not checkpoint_dir(workdir).is_dir():
     raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoints (train first, or import '
                           'official weights with python -m aegan_jax.official import)')
-  manager = make_manager(workdir, read_only=True)
+  manager = make_manager(workdir, create=False)
   steps = manager.all_steps()
   if not steps:
     raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoints')

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from aegan_jax import layers
+
 
 def gan_loss(logits, is_real: bool, mode: str = 'vanilla'):
   """Adversarial loss against a constant label y (1 real, 0 fake).
@@ -40,7 +42,7 @@ def self_representation_loss(generator_features, autoencoder_features):
   """
   total = 0.0
   for gen, ae in zip(generator_features, autoencoder_features):
-    dtype = jnp.promote_types(gen.dtype, jnp.float32)
+    dtype = layers.accumulation_dtype(gen.dtype)
     p = jax.nn.softmax(jax.lax.stop_gradient(ae).astype(dtype), axis=-1)
     log_q = jax.nn.log_softmax(gen.astype(dtype), axis=-1)
     total = total + jnp.mean(jax.scipy.special.xlogy(p, p) - p * log_q)

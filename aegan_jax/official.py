@@ -27,7 +27,7 @@ import numpy as np
 # Reading state dicts.
 
 
-class ImportError_(ValueError):
+class WeightImportError(ValueError):
   """A state dict that does not fit the official architecture (one-line message)."""
 
 
@@ -38,17 +38,17 @@ def read_state_dict(path, prefix: str = '') -> dict[str, np.ndarray]:
   """
   path = pathlib.Path(path)
   if not path.exists():
-    raise ImportError_(f'{path}: no such file')
+    raise WeightImportError(f'{path}: no such file')
   if path.suffix == '.npz':
     with open(path, 'rb') as f:
       if f.read(4) != b'PK\x03\x04':  # every .npz is a zip archive
-        raise ImportError_(f'{path}: not a weights file (not an .npz archive)')
+        raise WeightImportError(f'{path}: not a weights file (not an .npz archive)')
     with np.load(path, allow_pickle=False) as data:
       tensors = {k: data[k] for k in data.files}
   elif path.suffix in ('.pth', '.pt'):
     tensors = _read_torch(path)
   else:
-    raise ImportError_(f'{path}: expected a .npz or .pth state dict')
+    raise WeightImportError(f'{path}: expected a .npz or .pth state dict')
   if prefix and any(k.startswith(prefix) for k in tensors):
     tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
   # DataParallel checkpoints prefix every name with 'module.'.
@@ -60,14 +60,14 @@ def _read_torch(path) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
-    raise ImportError_(f'{path}: reading .pth needs torch (pip install torch), '
+    raise WeightImportError(f'{path}: reading .pth needs torch (pip install torch), '
                        'or convert it to .npz') from e
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # Corrupt files and pickled objects both end here.
-    raise ImportError_(f'{path}: not a plain PyTorch state dict ({e.__class__.__name__}: {e})') from e
+    raise WeightImportError(f'{path}: not a plain PyTorch state dict ({e.__class__.__name__}: {e})') from e
   if not isinstance(state, dict):
-    raise ImportError_(f'{path}: holds a {type(state).__name__}, not a state dict')
+    raise WeightImportError(f'{path}: holds a {type(state).__name__}, not a state dict')
   return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
@@ -155,7 +155,7 @@ def convert_state_dict(tensors, entries):
     if f'{prefix}.weight' not in tensors:
       if kind == 'dense':  # Zero-width attention layers have no parameters here.
         continue
-      raise ImportError_(f'missing tensor {prefix}.weight: not an official AE-GAN state dict '
+      raise WeightImportError(f'missing tensor {prefix}.weight: not an official AE-GAN state dict '
                          'for this architecture')
     if kind == 'dense' and tensors[f'{prefix}.weight'].size == 0:
       used.add(f'{prefix}.weight')
@@ -163,7 +163,7 @@ def convert_state_dict(tensors, entries):
     try:
       p, s = _convert(kind, tensors, prefix)
     except ValueError:
-      raise ImportError_(f'tensor {prefix}.weight has shape {tensors[f"{prefix}.weight"].shape}, '
+      raise WeightImportError(f'tensor {prefix}.weight has shape {tensors[f"{prefix}.weight"].shape}, '
                          f'which does not fit a {kind} layer of the official architecture') from None
     _set(params, path, p)
     if s:
@@ -173,7 +173,7 @@ def convert_state_dict(tensors, entries):
                                         'num_batches_tracked'))
   unused = sorted(set(tensors) - used)
   if unused:
-    raise ImportError_(f'unexpected tensors {unused[:3]}...: not an official AE-GAN state dict '
+    raise WeightImportError(f'unexpected tensors {unused[:3]}...: not an official AE-GAN state dict '
                        'for this architecture')
   return params, stats
 
@@ -182,11 +182,11 @@ def generator_hparams(tensors):
   """Architecture read off a generator state dict."""
   num_branches = len({k.split('_')[1] for k in tensors if k.startswith('encoder_')})
   if num_branches == 0 or 'encoder_0_0.1.weight' not in tensors:
-    raise ImportError_('not an official AE-GAN generator state dict (no encoder_0_0.1.weight)')
+    raise WeightImportError('not an official AE-GAN generator state dict (no encoder_0_0.1.weight)')
   first = tensors['encoder_0_0.1.weight']
   num_modalities = first.shape[1] - 1
   if num_modalities != num_branches + 1:
-    raise ImportError_(f'generator has {num_branches} branches of {first.shape[1]} channels: '
+    raise WeightImportError(f'generator has {num_branches} branches of {first.shape[1]} channels: '
                        'expected one branch per input modality')
   blocks = {k.split('.')[1] for k in tensors if k.startswith('res_blocks.')}
   return dict(num_modalities=num_modalities, ngf=int(first.shape[0]), num_blocks=len(blocks),
@@ -195,7 +195,7 @@ def generator_hparams(tensors):
 
 def autoencoder_hparams(tensors):
   if 'encoder.1.weight' not in tensors or 'cls_branch.weight' not in tensors:
-    raise ImportError_('not an official AE-GAN autoencoder state dict (no encoder.1.weight '
+    raise WeightImportError('not an official AE-GAN autoencoder state dict (no encoder.1.weight '
                        'or cls_branch.weight)')
   blocks = {k.split('.')[1] for k in tensors
             if k.startswith('encoder.') and '.conv_block.' in k}
@@ -380,7 +380,7 @@ def compare(reference, actual):
 def check(fixture_path, tolerance=TOLERANCE, gradient_tolerance=GRADIENT_TOLERANCE):
   """Rows (key, max abs error, relative error, ok) for every comparable fixture key."""
   if not pathlib.Path(fixture_path).is_file():
-    raise ImportError_(f'{fixture_path}: no such file')
+    raise WeightImportError(f'{fixture_path}: no such file')
   fixture = np.load(fixture_path, allow_pickle=False)
   g_tensors = read_state_dict(fixture_path, 'G/')
   ae_tensors = read_state_dict(fixture_path, 'AE/')
@@ -431,36 +431,36 @@ def load_config_file(path):
   import runpy  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   if not path.is_file():
-    raise ImportError_(f'{path}: no such config file')
+    raise WeightImportError(f'{path}: no such config file')
   namespace = runpy.run_path(str(path))
   if 'get_config' not in namespace:
-    raise ImportError_(f'{path}: defines no get_config()')
+    raise WeightImportError(f'{path}: defines no get_config()')
   return namespace['get_config']()
 
 
 def _read_network(path, prefix):
   try:
     return read_state_dict(path, prefix)
-  except ImportError_:
+  except WeightImportError:
     raise
   except Exception as e:  # Corrupt archives: BadZipFile, OSError, ValueError, ...
-    raise ImportError_(f'{path}: not a readable state dict ({e.__class__.__name__}: {e})') from e
+    raise WeightImportError(f'{path}: not a readable state dict ({e.__class__.__name__}: {e})') from e
 
 
 def _norm_of(tensors, first_norm):
   """'batch' when the first norm layer carries running statistics (the official BraTS nets)."""
   if f'{first_norm}.running_mean' in tensors:
     return 'batch'
-  raise ImportError_(f'no {first_norm}.running_mean: only BatchNorm networks (the official '
+  raise WeightImportError(f'no {first_norm}.running_mean: only BatchNorm networks (the official '
                      'norm: batch) can be imported')
 
 
 def configure_from_weights(config, g_tensors, ae_tensors=None):
-  """Sets config.model from the weights' architecture; raises ImportError_ on conflicts."""
+  """Sets config.model from the weights' architecture; raises WeightImportError on conflicts."""
   hp = generator_hparams(g_tensors)
   modalities = list(config.data.modalities)
   if hp['num_modalities'] != len(modalities):
-    raise ImportError_(f'the generator synthesises from {hp["num_modalities"] - 1} of '
+    raise WeightImportError(f'the generator synthesises from {hp["num_modalities"] - 1} of '
                        f'{hp["num_modalities"]} modalities, but config data.modalities is '
                        f'{modalities}')
   config.model.ngf, config.model.num_blocks = hp['ngf'], hp['num_blocks']
@@ -471,16 +471,16 @@ def configure_from_weights(config, g_tensors, ae_tensors=None):
   ae_hp = autoencoder_hparams(ae_tensors)
   for name in ('ngf', 'num_blocks', 'use_dropout'):
     if ae_hp[name] != hp[name]:
-      raise ImportError_(f'autoencoder {name}={ae_hp[name]} differs from the generator\'s '
+      raise WeightImportError(f'autoencoder {name}={ae_hp[name]} differs from the generator\'s '
                          f'{hp[name]}; both networks share config.model')
   if ae_hp['num_classes'] != len(modalities):
-    raise ImportError_(f'autoencoder classifies {ae_hp["num_classes"]} modalities, config has '
+    raise WeightImportError(f'autoencoder classifies {ae_hp["num_classes"]} modalities, config has '
                        f'{len(modalities)}')
   _norm_of(ae_tensors, 'encoder.2')
   # The modality classifier's kernel spans the whole H/4 x W/4 map: it fixes the image size.
   image_size = 4 * int(ae_tensors['cls_branch.weight'].shape[-1])
   if image_size != config.data.image_size:
-    raise ImportError_(f'the autoencoder was built for {image_size} px images (cls_branch '
+    raise WeightImportError(f'the autoencoder was built for {image_size} px images (cls_branch '
                        f'kernel {image_size // 4}), but config data.image_size is '
                        f'{config.data.image_size}')
   return config
@@ -497,7 +497,7 @@ def check_weights(module, variables, input_shape, network: str) -> None:
   try:
     checkpoints.check_variables(module, variables, input_shape, network)
   except checkpoints.CheckpointError as e:
-    raise ImportError_(str(e)) from None
+    raise WeightImportError(str(e)) from None
 
 
 def import_weights(generator_path, config, workdir, autoencoder_path=None, step=0):
@@ -508,7 +508,7 @@ def import_weights(generator_path, config, workdir, autoencoder_path=None, step=
   from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top
   existing = checkpoints.checkpoint_dir(workdir)
   if existing.is_dir() and any(p.name.isdigit() for p in existing.iterdir()):
-    raise ImportError_(f'{existing} already holds checkpoints; import into a new --workdir')
+    raise WeightImportError(f'{existing} already holds checkpoints; import into a new --workdir')
   g_tensors = _read_network(generator_path, 'G/')
   ae_tensors = _read_network(autoencoder_path, 'AE/') if autoencoder_path else None
   config = configure_from_weights(config, g_tensors, ae_tensors)
@@ -559,13 +559,13 @@ def main(argv=None):
   if args.command == 'import':
     try:
       return _import_command(args)
-    except ImportError_ as e:
+    except WeightImportError as e:
       print(f'error: {e}', file=sys.stderr)
       return 2
   if args.command == 'check':
     try:
       rows = check(args.fixture, args.tolerance, args.gradient_tolerance)
-    except ImportError_ as e:
+    except WeightImportError as e:
       print(f'error: {e}', file=sys.stderr)
       return 2
     except (OSError, KeyError, ValueError) as e:  # Unreadable or incomplete fixture.

@@ -146,13 +146,13 @@ def _autoencoder_update(trainer, ae: NetworkState, target, synthesized, rng):
     out, state = apply({'params': params, 'batch_stats': ae.batch_stats}, target, train=True,
                        rngs={'dropout': real_rng}, mutable=['batch_stats', 'batch_moments'])
     reconstruction = jax.lax.stop_gradient(out.reconstruction)
-    synth_logits, s2 = apply({'params': params, 'batch_stats': _stats(state)},
+    synth_logits, synth_pass = apply({'params': params, 'batch_stats': _stats(state)},
                              synthesized, train=True, method='patch_logits',
                              rngs={'dropout': synth_rng}, mutable=['batch_stats'])
-    recon_logits, s3 = apply({'params': params, 'batch_stats': _stats(s2)},
+    recon_logits, recon_pass = apply({'params': params, 'batch_stats': _stats(synth_pass)},
                              reconstruction, train=True, method='patch_logits',
                              rngs={'dropout': recon_rng}, mutable=['batch_stats'])
-    batch_stats = _replay_batch_stats(_stats(s3), _stats(state, 'batch_moments'))
+    batch_stats = _replay_batch_stats(_stats(recon_pass), _stats(state, 'batch_moments'))
     loss, terms = losses.autoencoder_loss(out.patch_logits, synth_logits, recon_logits,
                                           out.reconstruction, target,
                                           l1_weight=trainer.weights.ae_lambda_l1,
@@ -177,13 +177,13 @@ def _generator_loss_grads(trainer, ae: NetworkState, synthesized, features, targ
 
   def loss_fn(synth, feats):
     # Official order: AE(y_hat) first, then get_features(y); BN updates follow it.
-    logits, s0 = apply(ae.variables(), synth, train=True, method='patch_logits',
+    logits, patch_pass = apply(ae.variables(), synth, train=True, method='patch_logits',
                        rngs={'dropout': synth_rng}, mutable=['batch_stats'])
     loss, terms = losses.generator_loss(logits, synth, target, feats, ae_features,
                                         sr_weight=sr_weight,
                                         l1_weight=trainer.weights.lambda_l1,
                                         gan_mode=trainer.weights.gan_mode)
-    return loss, (terms, _stats(s0))
+    return loss, (terms, _stats(patch_pass))
 
   grads, (terms, patch_pass_stats) = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
       synthesized, features)

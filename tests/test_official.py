@@ -51,9 +51,9 @@ def test_weight_import_reads_architecture_and_layouts(parity_fixture_path):
 def test_unexpected_state_dict_is_a_clear_error(parity_fixture_path):
   tensors = official.read_state_dict(parity_fixture_path, 'G/')
   tensors['extra.weight'] = np.zeros(3, np.float32)
-  with pytest.raises(official.ImportError_, match='unexpected tensors'):
+  with pytest.raises(official.WeightImportError, match='unexpected tensors'):
     official.load_generator(tensors)
-  with pytest.raises(official.ImportError_, match='not an official AE-GAN autoencoder'):
+  with pytest.raises(official.WeightImportError, match='not an official AE-GAN autoencoder'):
     official.load_autoencoder(tensors)
 
 
@@ -66,7 +66,7 @@ def test_pth_state_dict_is_read_without_unpickling_objects(parity_fixture_path, 
   assert loaded.keys() == tensors.keys()
   np.testing.assert_array_equal(loaded['decoder_0.0.weight'], tensors['decoder_0.0.weight'])
   torch.save({'weights': object()}, tmp_path / 'pickled.pth')  # Arbitrary objects are refused.
-  with pytest.raises(official.ImportError_, match='not a plain PyTorch state dict'):
+  with pytest.raises(official.WeightImportError, match='not a plain PyTorch state dict'):
     official.read_state_dict(tmp_path / 'pickled.pth')
 
 
