@@ -144,22 +144,26 @@ class Synthesizer:
       return np.asarray(multihost_utils.process_allgather(array, tiled=True))
     return np.asarray(array)
 
-  def __call__(self, images, target_index) -> np.ndarray:
+  def __call__(self, images, target_index, positions=None) -> np.ndarray:
     """images [N, H, W, M] normalised (target channel ignored), target_index int or [N].
 
-    Returns the synthesised target slices [N, H, W], float32 in [-1, 1].
+    `positions` [N] (default 0..N-1) seed the official test mode's dropout masks, so a
+    caller that skips slices can keep the others' masks.  Returns the synthesised target
+    slices [N, H, W], float32 in [-1, 1].
     """
     images = np.asarray(images, np.float32)
     targets = np.broadcast_to(np.asarray(target_index, np.int32), images.shape[:1])
+    positions = np.arange(len(images)) if positions is None else np.asarray(positions)
     outputs, pads = [], []
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
       chunk_targets = targets[start:start + self.batch_size]
-      position = np.arange(start, start + self.batch_size, dtype=np.int32)
+      position = positions[start:start + self.batch_size].astype(np.int32)
       pad = self.batch_size - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
         chunk_targets = np.concatenate([chunk_targets, np.zeros(pad, np.int32)])
+        position = np.concatenate([position, np.zeros(pad, np.int32)])
       # Dispatch every batch before fetching any: transfers overlap the computation.
       outputs.append(self._apply(self.variables, self._put(chunk), self._put(chunk_targets),
                                  self._put(position)))
@@ -393,13 +397,28 @@ def synthesize_case(synthesizer, job: Job, out_dir, *, naming='case', scale=INTE
   for target in job.targets:
     # The generator ignores the target's channel, so one input array serves every target;
     # with --all-targets the brain mask leaves the target's own volume out.
-    synthesised = synthesizer(prepared.images, modalities.index(target))
     brain = brain_mask(prepared.volumes, exclude=(target,))
-    volume = postprocess(synthesised, brain, data_config, scale)
+    volume = postprocess(synthesize_brain_slices(synthesizer, prepared.images, target, brain),
+                         brain, data_config, scale)
     path = output_path(job.case, target, out_dir, naming)
     write_nifti(volume, job.reference, path)
     written.append((target, path))
   return written
+
+
+def synthesize_brain_slices(synthesizer, images, target, brain) -> np.ndarray:
+  """[Z, S, S] synthesis; axial slices with no brain voxel in any input skip the generator.
+
+  `postprocess` sets every voxel outside the brain to 0, so those slices come out exactly
+  as if the generator had run (and the other slices keep their official-mode masks).
+  """
+  has_brain = brain.any(axis=(0, 1))
+  out = np.full(images.shape[:3], -1.0, np.float32)
+  if has_brain.any():
+    out[has_brain] = synthesizer(images[has_brain],
+                                 list(synthesizer.config.data.modalities).index(target),
+                                 positions=np.flatnonzero(has_brain))
+  return out
 
 
 def prefetched(jobs, data_config):

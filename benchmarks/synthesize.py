@@ -9,7 +9,8 @@ normalise, slice every axial plane, generator on all devices, back onto the
 original grid, write.  The generator is random-init (`--ngf`, `--num-blocks`,
 `--size`) unless `--workdir` names a checkpoint.  The first volume includes
 compilation and is reported apart; then the median over `--volumes`, and the
-generator alone (slices per second), and the throughput of a
+generator alone on every slice (slices per second; the CLI skips slices with
+no brain in any input), and the throughput of a
 run over several cases (the CLI prepares the next case meanwhile).  Runs on whatever JAX device exists.
 """
 import argparse
@@ -82,7 +83,9 @@ def main(argv=None):
     for job, prepared in synthesize.prefetched(jobs * args.volumes, synthesizer.config.data):
       synthesize.synthesize_case(synthesizer, job, tmp / 'out', prepared=prepared)
     pipelined = (time.perf_counter() - start) / args.volumes
-    images = synthesize.prepare_case(jobs[0], synthesizer.config.data).images
+    prepared = synthesize.prepare_case(jobs[0], synthesizer.config.data)
+    images = prepared.images
+    brain_slices = int(synthesize.brain_mask(prepared.volumes).any(axis=(0, 1)).sum())
     generator_seconds = []
     for _ in range(max(args.volumes, 1)):
       start = time.perf_counter()
@@ -98,14 +101,17 @@ def main(argv=None):
       'first_volume_s': seconds[0], 'seconds_per_volume': steady,
       'pipelined_seconds_per_volume': pipelined,
       'generator_s_per_volume': generator, 'generator_slices_per_s': shape[2] / generator,
+      'brain_slices': brain_slices,
   }
+  generator_share = generator * brain_slices / shape[2]  # Slices without brain are skipped.
   print(f'{figures["device"]} x{figures["num_devices"]}: {shape} volume, '
         f'{figures["image_size"]} px, ngf {figures["ngf"]}, {figures["num_blocks"]} blocks, '
         f'{figures["dtype"]}, batch {figures["batch_size"]}')
   print(f'first volume (with compilation): {seconds[0]:.2f} s')
   print(f'seconds per volume: {steady:.2f} (median of {len(seconds) - 1}; '
-        f'generator alone {generator:.2f} s = {figures["generator_slices_per_s"]:.1f} slices/s, '
-        f'reading/preprocessing/writing {steady - generator:.2f} s)')
+        f'generator alone {generator:.2f} s for all {shape[2]} slices = '
+        f'{figures["generator_slices_per_s"]:.1f} slices/s; {brain_slices} slices hold brain, '
+        f'the rest skip it; reading/preprocessing/writing ~{steady - generator_share:.2f} s)')
   print(f'seconds per volume over {args.volumes} cases with the next case prefetched: '
         f'{pipelined:.2f}')
   if args.json:

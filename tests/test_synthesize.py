@@ -249,3 +249,23 @@ def test_all_zero_input_is_warned_about(workdir, raw, tmp_path, capsys):
   assert run('--workdir', workdir, '--input', cases / 'BraTS20_Training_001', '--output',
              tmp_path / 'out') == 0
   assert f'warning: {path}: every voxel is 0' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('official_mode', [False, True])
+def test_slices_without_brain_skip_the_generator_and_change_nothing(workdir, official_mode):
+  synthesizer = synthesize.Synthesizer.restore(workdir, batch_size=4,
+                                               official_test_mode=official_mode)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (6, 32, 32, 4)).astype(np.float32)
+  brain = np.zeros((20, 20, 6), bool)
+  brain[5:15, 5:15, [1, 2, 4]] = True  # slices 0, 3 and 5 hold no brain
+  seen = []
+  counting = lambda x, t, positions=None: seen.append(len(x)) or synthesizer(x, t, positions)
+  counting.config = synthesizer.config
+  skipped = synthesize.synthesize_brain_slices(counting, images, 't2', brain)
+  assert seen == [3]
+  full = synthesizer(images, 2)
+  np.testing.assert_array_equal(skipped[[1, 2, 4]], full[[1, 2, 4]])
+  config = synthesizer.config.data
+  np.testing.assert_array_equal(synthesize.postprocess(skipped, brain, config),
+                                synthesize.postprocess(full, brain, config))
