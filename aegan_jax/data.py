@@ -3,11 +3,15 @@
 Training examples (NHWC, float32) carry every modality of a slice plus one
 sampled missing-modality scenario:
 
-  generator_input  [H, W, (M-1)*(M+1)]  ``modalities.assemble_generator_input``
-  target           [H, W, 1]            the held-out modality
-  target_index     int32 scalar
-  images           [H, W, M]            all modalities (grids, baselines)
+  images           [H, W, M]            all modalities
+  target_index     int32 scalar         the held-out modality
+  target           [H, W, 1]            its image
   example_id       int64 scalar         record position in its split
+
+and, unless ``with_generator_input=False`` (what training uses: the device
+assembles it from ``images`` and ``target_index`` in ``parallel.model_batch``):
+
+  generator_input  [H, W, (M-1)*(M+1)]  ``modalities.assemble_generator_input``
 
 Randomness (shuffle, scenario, augmentation) is a function of the seed and the
 record index only, so runs replay exactly and iterator checkpoints restore.
