@@ -391,7 +391,7 @@ def prepare_case(job: Job, data_config) -> Prepared:
 def synthesize_case(synthesizer, job: Job, out_dir, *, naming='case', scale=INTENSITY_SCALE,
                     prepared: Prepared | None = None) -> list[tuple[str, pathlib.Path]]:
   """Synthesises and writes every target of one case; returns (target, path) pairs."""
-  data_config, modalities = synthesizer.config.data, list(synthesizer.config.data.modalities)
+  data_config = synthesizer.config.data
   prepared = prepared or prepare_case(job, data_config)
   written = []
   for target in job.targets:

@@ -28,6 +28,17 @@ def parity_fixture_path():
   return FIXTURE
 
 
+@pytest.fixture(scope='session')
+def prepared(tmp_path_factory):
+  """A prepared phantom dataset: 4 subjects, 32 px, 8 slices each (training-job tests)."""
+  from data_prep import phantom, prepare
+  root = tmp_path_factory.mktemp('data')
+  phantom.write_phantom_dataset(root / 'raw', 4, seed=1, shape=(40, 40, 24))
+  prepare.prepare_dataset(root / 'raw', root / 'prepared', image_size=32, slices='range:8:16',
+                          split_ratios=(0.5, 0.25, 0.25), progress=False)
+  return root / 'prepared'
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if '_CACHE' in globals():

@@ -6,64 +6,21 @@ import signal
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 from aegan_jax import checkpoints
 from aegan_jax import data
 from aegan_jax import launcher
 from aegan_jax import samples
-from aegan_jax import train
 from aegan_jax import trainer
 from configs import demo
+from tests_helpers import assert_states_equal, launch_config, restored_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
-def prepared(tmp_path_factory):
-  from data_prep import phantom, prepare
-  root = tmp_path_factory.mktemp('data')
-  phantom.write_phantom_dataset(root / 'raw', 4, seed=1, shape=(40, 40, 24))
-  prepare.prepare_dataset(root / 'raw', root / 'prepared', image_size=32, slices='range:8:16',
-                          split_ratios=(0.5, 0.25, 0.25), progress=False)
-  return root / 'prepared'
-
-
-def tiny_config(prepared_dir, **train_fields):
-  config = demo.get_config()
-  config.data.prepared_dir = str(prepared_dir)
-  config.data.image_size = 32
-  config.model.ngf = 8
-  config.model.num_blocks = 1
-  config.model.norm = 'batch'  # official; the running statistics go through checkpoints
-  config.train.global_batch_size = 4
-  config.train.log_every = 1
-  config.train.checkpoint_every = 2
-  config.train.sample_every = 2
-  config.train.evaluate_at_end = False
-  for key, value in train_fields.items():
-    config.train[key] = value
-  return config
-
-
-def restored_state(workdir, config, step=None):
-  t = train.make_trainer(config, 4)
-  template = train.init_state(t, jax.random.PRNGKey(99), config.data.image_size, 0.1)
-  manager = checkpoints.make_manager(workdir)
-  state = checkpoints.restore_train_state(manager, step or manager.latest_step(), template)
-  manager.close()
-  return state
-
-
-def assert_states_equal(a, b):
-  for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
-
-
 def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path, capsys):
-  config = tiny_config(prepared, num_steps=3)
+  config = launch_config(prepared, num_steps=3)
   config.train.evaluate_at_end = True
   state = trainer.train_and_evaluate(config, tmp_path)
   assert int(state.step) == 3
@@ -95,7 +52,7 @@ def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path, capsys):
 @pytest.mark.parametrize('norm', ['batch', 'instance'])
 def test_resume_equals_continuous(prepared, tmp_path, norm):
   def config(num_steps):
-    c = tiny_config(prepared, num_steps=num_steps)
+    c = launch_config(prepared, num_steps=num_steps)
     c.model.norm = norm  # instance norm: no running statistics at all (the demo's choice)
     return c
   straight = trainer.train_and_evaluate(config(4), tmp_path / 'a')
@@ -107,20 +64,20 @@ def test_resume_equals_continuous(prepared, tmp_path, norm):
 
 
 def test_bad_config_values_give_one_line_errors(prepared, tmp_path, capsys):
-  config = tiny_config(prepared, num_steps=1)
+  config = launch_config(prepared, num_steps=1)
   config.train.global_batch_size = 6  # 4 simulated devices
   assert launcher.run(config, tmp_path / 'a') == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error: config.train.global_batch_size=6') and '\n' not in err
-  config = tiny_config(prepared, num_steps=1)
+  config = launch_config(prepared, num_steps=1)
   config.model.norm = 'group'
   assert launcher.run(config, tmp_path / 'b') == 2
   assert "config.model.norm='group'" in capsys.readouterr().err
 
 
 def test_incompatible_checkpoint_is_a_clear_error(prepared, tmp_path, capsys):
-  trainer.train_and_evaluate(tiny_config(prepared, num_steps=1), tmp_path)
-  config = tiny_config(prepared, num_steps=2)
+  trainer.train_and_evaluate(launch_config(prepared, num_steps=1), tmp_path)
+  config = launch_config(prepared, num_steps=2)
   config.model.ngf = 16
   assert launcher.run(config, tmp_path) == 2
   assert 'trained with model.ngf=8 but the config has 16' in capsys.readouterr().err
@@ -155,7 +112,7 @@ def test_sigterm_saves_a_second_launch_is_refused_and_resume_matches(prepared, t
   assert 'stopped by SIGTERM' in output
   stopped_at = checkpoints.make_manager(tmp_path / 'run').latest_step()
   assert 2 <= stopped_at < steps
-  config = tiny_config(prepared, num_steps=steps, checkpoint_every=1000, sample_every=1000)
+  config = launch_config(prepared, num_steps=steps, checkpoint_every=1000, sample_every=1000)
   resumed = trainer.train_and_evaluate(config, tmp_path / 'run')
   straight = trainer.train_and_evaluate(config, tmp_path / 'straight')
   assert_states_equal(straight, resumed)
@@ -163,8 +120,8 @@ def test_sigterm_saves_a_second_launch_is_refused_and_resume_matches(prepared, t
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(
     prepared, tmp_path, capsys):
-  trainer.train_and_evaluate(tiny_config(prepared, num_steps=2), tmp_path)
-  config = tiny_config(prepared, num_steps=5, checkpoint_every=1)
+  trainer.train_and_evaluate(launch_config(prepared, num_steps=2), tmp_path)
+  config = launch_config(prepared, num_steps=5, checkpoint_every=1)
   config.optim.learning_rate = 1e38  # The next update overflows the weights.
   assert launcher.run(config, tmp_path) == 1
   err = capsys.readouterr().err
@@ -200,7 +157,7 @@ def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monke
     return original(*args, **kwargs)
 
   monkeypatch.setattr(*target, signalling)
-  config = tiny_config(prepared, num_steps=5, checkpoint_every=1000, sample_every=2)
+  config = launch_config(prepared, num_steps=5, checkpoint_every=1000, sample_every=2)
   state = trainer.train_and_evaluate(config, tmp_path)
   stopped_at = 1 if phase == 'log' else 2
   assert int(state.step) == stopped_at
@@ -213,7 +170,7 @@ def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monke
                                          ('data.image_size', 12), ('data.image_size', 18)])
 def test_bad_intervals_and_image_sizes_are_one_line_errors(prepared, tmp_path, capsys, field,
                                                            value):
-  config = tiny_config(prepared, num_steps=1)
+  config = launch_config(prepared, num_steps=1)
   group, name = field.split('.')
   config[group][name] = value
   assert launcher.run(config, tmp_path) == 2
@@ -227,7 +184,7 @@ def test_one_run_per_workdir(prepared, tmp_path, capsys):
   lock = tmp_path / workdir_lock.LOCK_NAME
   # Held by a live process (this one): refused, naming it.
   assert workdir_lock.acquire(tmp_path) == lock
-  assert launcher.run(tiny_config(prepared, num_steps=1), tmp_path) == 2
+  assert launcher.run(launch_config(prepared, num_steps=1), tmp_path) == 2
   err = capsys.readouterr().err
   assert f'is in use by PID {os.getpid()}' in err and err.count('\n') == 1
   assert not (tmp_path / 'checkpoints').exists()
@@ -235,7 +192,7 @@ def test_one_run_per_workdir(prepared, tmp_path, capsys):
   dead = subprocess.Popen([sys.executable, '-c', 'pass'])
   dead.wait()
   lock.write_text(f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}", "started": "x"}}')
-  assert launcher.run(tiny_config(prepared, num_steps=1), tmp_path) == 0
+  assert launcher.run(launch_config(prepared, num_steps=1), tmp_path) == 0
   assert f'taking over {lock} from PID {dead.pid}' in capsys.readouterr().err
   assert not lock.exists()
 
@@ -243,7 +200,7 @@ def test_one_run_per_workdir(prepared, tmp_path, capsys):
 def test_workdir_that_is_a_file_is_a_one_line_error(prepared, tmp_path, capsys):
   workdir = tmp_path / 'w'
   workdir.write_text('x')
-  assert launcher.run(tiny_config(prepared, num_steps=1), workdir) == 2
+  assert launcher.run(launch_config(prepared, num_steps=1), workdir) == 2
   err = capsys.readouterr().err
   assert err.startswith(f'error: --workdir {workdir}') and err.count('\n') == 1, err
   assert workdir.read_text() == 'x'
@@ -258,19 +215,19 @@ def test_unknown_config_field_is_one_line(tmp_path):
 
 
 def test_damaged_latest_checkpoint_names_the_step_and_step_falls_back(prepared, tmp_path, capsys):
-  trainer.train_and_evaluate(tiny_config(prepared, num_steps=4), tmp_path)
+  trainer.train_and_evaluate(launch_config(prepared, num_steps=4), tmp_path)
   damaged = tmp_path / 'checkpoints' / '4'
   for path in damaged.rglob('*'):
     if path.is_file() and path.stat().st_size > 0:
       path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-  assert launcher.run(tiny_config(prepared, num_steps=6), tmp_path) == 2
+  assert launcher.run(launch_config(prepared, num_steps=6), tmp_path) == 2
   err = capsys.readouterr().err
   assert err.startswith(f'error: {damaged}: damaged checkpoint of step 4') and err.count('\n') == 1
   assert 'add --step=2 to resume from step 2' in err
-  assert launcher.run(tiny_config(prepared, num_steps=6), tmp_path, step=3) == 2
+  assert launcher.run(launch_config(prepared, num_steps=6), tmp_path, step=3) == 2
   assert capsys.readouterr().err == (f'error: --step 3: no checkpoint of step 3 in '
                                      f'{damaged.parent} (there: [2, 4])\n')
-  assert launcher.run(tiny_config(prepared, num_steps=6), tmp_path, step=2) == 0
+  assert launcher.run(launch_config(prepared, num_steps=6), tmp_path, step=2) == 0
   assert 'resuming from step 2' in capsys.readouterr().out
   assert (tmp_path / 'checkpoints_set_aside' / '4').is_dir()  # Moved, not deleted.
   assert sorted(p.name for p in damaged.parent.iterdir() if p.name.isdigit()) == ['2', '4', '6']
@@ -287,7 +244,7 @@ def test_damaged_prepared_dataset_names_the_file_and_the_fix(prepared, tmp_path,
     shard.unlink()
   else:
     (copy / 'manifest.json').write_text((copy / 'manifest.json').read_text()[:100])
-  assert launcher.run(tiny_config(copy, num_steps=1), tmp_path / 'run') == 2
+  assert launcher.run(launch_config(copy, num_steps=1), tmp_path / 'run') == 2
   err = capsys.readouterr().err
   named = copy / 'manifest.json' if damage == 'manifest' else (
       shard if damage == 'truncate' else shard.parent)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from aegan_jax import checkpoints
-from test_launch import assert_states_equal, prepared, restored_state, tiny_config  # noqa: F401
+from tests_helpers import assert_states_equal, launch_config, restored_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -94,7 +94,7 @@ def test_stop_signal_on_one_host_stops_both_then_resumes_exactly(prepared, tmp_p
   codes, outputs = finish(start_two_hosts(stopped, training_overrides(prepared)))
   assert codes == [0, 0], outputs
   assert f'resuming from step {saved[0]}' in outputs[0]
-  config = tiny_config(prepared, num_steps=STEPS)
+  config = launch_config(prepared, num_steps=STEPS)
   state = restored_state(straight, config)
   assert int(state.step) == STEPS
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(state)))

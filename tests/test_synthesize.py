@@ -1,5 +1,4 @@
 """Synthesis CLI on tiny phantom cases with a random-init checkpoint."""
-import pathlib
 import shutil
 
 import jax

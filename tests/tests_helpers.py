@@ -1,7 +1,11 @@
 """Small builders shared by tests."""
+import jax
 import numpy as np
 
+from aegan_jax import checkpoints
+from aegan_jax import train
 from configs import brats
+from configs import demo
 
 SIZE = 32
 
@@ -29,3 +33,35 @@ def phantom_image_batch(size=SIZE, n=4, seed=0):
                                      image_size=size)[0] for m in phantom.MODALITIES], -1))
   return {'images': np.stack(slices).astype(np.float32),
           'target_index': (np.arange(n) + seed) % 4}
+
+
+def launch_config(prepared_dir, **train_fields):
+  """The demo config shrunk for the training-job tests (32 px, ngf 8, one block, batch norm)."""
+  config = demo.get_config()
+  config.data.prepared_dir = str(prepared_dir)
+  config.data.image_size = 32
+  config.model.ngf = 8
+  config.model.num_blocks = 1
+  config.model.norm = 'batch'  # official; the running statistics go through checkpoints
+  config.train.global_batch_size = 4
+  config.train.log_every = 1
+  config.train.checkpoint_every = 2
+  config.train.sample_every = 2
+  config.train.evaluate_at_end = False
+  for key, value in train_fields.items():
+    config.train[key] = value
+  return config
+
+
+def restored_state(workdir, config, step=None):
+  t = train.make_trainer(config, 4)
+  template = train.init_state(t, jax.random.PRNGKey(99), config.data.image_size, 0.1)
+  manager = checkpoints.make_manager(workdir)
+  state = checkpoints.restore_train_state(manager, step or manager.latest_step(), template)
+  manager.close()
+  return state
+
+
+def assert_states_equal(a, b):
+  for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
