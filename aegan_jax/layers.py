@@ -281,9 +281,10 @@ class HalfDropout(nn.Module):
   """`nn.Dropout(0.5)` (the official rate) from one random bit per element.
 
   Keeping or dropping on a single bit of a uint32 draw is an exact Bernoulli(0.5)
-  and needs 1/32 of the random numbers `nn.Dropout` draws; those masks cost more
-  than the convolutions at 64 px on the CPU.  The draw is [N, words]: an example's
-  mask depends on its index in the global batch, never on the device count.
+  and needs 1/32 of the random numbers `nn.Dropout` draws (whose masks weighed
+  heavily at small sizes on an Intel Xeon CPU; the 2-core AMD EPYC timed both the
+  same).  The draw is [N, words]: an example's mask depends on its index in the
+  global batch, never on the device count.
   """
 
   @nn.compact
