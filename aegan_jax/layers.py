@@ -125,8 +125,13 @@ def _moment_sums(v, per_example):
   return channel_sums(v) if per_example else batch_sum(channel_sums(v))
 
 
+def _moment_count(x, per_example):
+  """Elements behind each moment: H * W per example, or N * H * W."""
+  return x.size // x.shape[-1] // (x.shape[0] if per_example else 1)
+
+
 def _normalize_fwd(x, scale, bias, per_example, epsilon):
-  count = x.size // x.shape[-1] // (x.shape[0] if per_example else 1)
+  count = _moment_count(x, per_example)
   mean = _moment_sums(x, per_example) / count
   centered = x - _over_hw(mean)
   var = _moment_sums(centered * centered, per_example) / count
@@ -140,7 +145,7 @@ def _normalize_bwd(per_example, epsilon, residuals, cotangents):
   del epsilon
   x_hat, inv, scale = residuals
   dy = cotangents[0]
-  count = x_hat.size // x_hat.shape[-1] // (x_hat.shape[0] if per_example else 1)
+  count = _moment_count(x_hat, per_example)
   d_bias = _moment_sums(dy, per_example)
   d_scale = _moment_sums(dy * x_hat, per_example)
   dx = _over_hw(inv * scale / count) * (
