@@ -37,18 +37,35 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def official_seconds(args, size, batch, ngf):
-  """Median seconds per official iteration, from one harness run."""
+class HarnessError(RuntimeError):
+  """The official harness failed; the message ends with its output."""
+
+
+def run_harness(harness, official, *, size, batch, ngf, steps, warmup, extra=(), timeout=None):
+  """One timing run of the official code (`--mode bench --no-flops`); returns its JSON."""
   with tempfile.TemporaryDirectory() as tmp:
     out = pathlib.Path(tmp) / 'official.json'
-    done = subprocess.run(
-        [sys.executable, str(args.harness), '--official', str(args.official), '--mode', 'bench',
-         '--size', str(size), '--batch', str(batch), '--ngf', str(ngf),
-         '--steps', str(args.steps), '--warmup', '2', '--threads', str(args.threads),
-         '--no-flops', '--json', str(out)], capture_output=True, text=True, check=False)
+    command = [sys.executable, str(harness), '--official', str(official), '--mode', 'bench',
+               '--size', str(size), '--batch', str(batch), '--ngf', str(ngf),
+               '--steps', str(steps), '--warmup', str(warmup), '--no-flops', '--json', str(out),
+               *extra]
+    try:
+      done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as error:
+      raise HarnessError(f'timed out after {timeout} s: {error.stderr or ""}'[-2000:]) from None
     if done.returncode != 0 or not out.exists():
-      sys.exit(f'error: the official harness failed:\n{done.stderr[-2000:]}')
-    return json.loads(out.read_text())['median_s']
+      raise HarnessError(f'rc {done.returncode}: {(done.stdout + done.stderr)[-2000:]}')
+    return json.loads(out.read_text())
+
+
+def official_seconds(args, size, batch, ngf):
+  """Median seconds per official iteration, from one harness run."""
+  try:
+    result = run_harness(args.harness, args.official, size=size, batch=batch, ngf=ngf,
+                         steps=args.steps, warmup=2, extra=('--threads', str(args.threads)))
+  except HarnessError as error:
+    sys.exit(f'error: the official harness failed: {error}')
+  return result['median_s']
 
 
 def compare(args, size, batch, ngf):

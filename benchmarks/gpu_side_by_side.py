@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import compare_official  # noqa: E402  (benchmarks/compare_official.py)
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 
 SIZE, NGF = 256, 64
@@ -79,17 +80,15 @@ def environment():
 
 
 def official(args, batch, steps):
-  json_path = pathlib.Path(tempfile.mkdtemp()) / f'official_b{batch}.json'
-  rc, text = _run([sys.executable, str(args.harness), '--official', str(args.official),
-                   '--mode', 'bench', '--device', args.device, '--size', str(args.size),
-                   '--batch', str(batch), '--ngf', str(args.ngf), '--steps', str(steps),
-                   '--warmup', '5', '--no-flops', '--json', str(json_path)], 240)
-  if rc != 0 or not json_path.exists():
-    return {'batch': batch, 'error': f'rc {rc}: {text[-2000:]}'}
-  result = json.loads(json_path.read_text())
-  return {'batch': batch, 'raw': result, 'median_s': result['median_s'], 'slices_per_s': result['slices_per_s'],
-          'device': result.get('device'), 'torch': result.get('torch'),
-          'cudnn_benchmark': result.get('cudnn_benchmark'),
+  try:
+    result = compare_official.run_harness(
+        args.harness, args.official, size=args.size, batch=batch, ngf=args.ngf, steps=steps,
+        warmup=5, extra=('--device', args.device), timeout=240)
+  except compare_official.HarnessError as error:
+    return {'batch': batch, 'error': str(error)}
+  return {'batch': batch, 'raw': result, 'median_s': result['median_s'],
+          'slices_per_s': result['slices_per_s'], 'device': result.get('device'),
+          'torch': result.get('torch'), 'cudnn_benchmark': result.get('cudnn_benchmark'),
           'cudnn_allow_tf32': result.get('cudnn_allow_tf32')}
 
 
