@@ -30,9 +30,25 @@ def scale_init(key, shape, dtype=jnp.float32):
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
+def _reflected(x, axis, pad):
+  """[mirror of the `pad` entries after the first, x, mirror of those before the last]."""
+  size = x.shape[axis]
+  before = jax.lax.rev(jax.lax.slice_in_dim(x, 1, pad + 1, axis=axis), (axis,))
+  after = jax.lax.rev(jax.lax.slice_in_dim(x, size - pad - 1, size - 1, axis=axis), (axis,))
+  return [before, x, after]
+
+
 def reflect_pad(x, pad):
-  """PyTorch ReflectionPad2d (edge pixel not repeated) on an NHWC tensor."""
-  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+  """PyTorch ReflectionPad2d (edge pixel not repeated) on an NHWC tensor.
+
+  Each row band (top mirror, image, bottom mirror) is padded along W from slices
+  of x itself, then the bands are stacked: one concatenation of single-use parts,
+  which XLA fuses into one pass.  `jnp.pad(mode='reflect')` pads H, then slices
+  that result for W, and ran as two kernels on a GPU (16% of the bf16 iteration).
+  """
+  bands = _reflected(x, 1, pad)
+  return jnp.concatenate([jnp.concatenate(_reflected(band, 2, pad), axis=2)
+                          for band in bands], axis=1)
 
 
 class BatchNorm(nn.Module):
@@ -58,11 +74,10 @@ class BatchNorm(nn.Module):
     acc = accumulation_dtype(self.param_dtype)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), acc)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), acc)
-    x32 = x.astype(acc)
     if not train:
       inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale.astype(acc)
-      return ((x32 - running_mean.value) * inv + bias.astype(acc)).astype(self.dtype)
-    y, mean, var = normalize(x32, scale.astype(acc), bias.astype(acc), False, self.epsilon)
+      return ((x.astype(acc) - running_mean.value) * inv + bias.astype(acc)).astype(self.dtype)
+    y, mean, var = normalize(x, scale.astype(acc), bias.astype(acc), False, self.epsilon)
     count = x.size // features
     unbiased_var = var * (count / max(count - 1, 1))
     if not self.is_initializing():
@@ -115,8 +130,12 @@ def normalize(x, scale, bias, per_example: bool, epsilon: float):
   """((x - mean) / sqrt(var + epsilon)) * scale + bias, with biased moments over H and W
   (per example) or over N, H and W (the whole batch, in `batch_sum`'s fixed order).
 
-  Returns (y, mean, var); the moments carry no gradient.  The gradient is the usual
-  closed form, written with `channel_sums` so that no H/W reduction is left to XLA.
+  Computes in scale's dtype and returns (y, mean, var) in it; the moments carry no
+  gradient.  The gradient is the usual closed form, written with `channel_sums` so
+  that no H/W reduction is left to XLA.  The backward pass keeps x in its own dtype
+  (bfloat16 under mixed precision) and recomputes x_hat with the forward's ops, so
+  float32 results are bitwise those of keeping x_hat, at half the saved bytes in
+  bfloat16.
   """
   return _normalize_fwd(x, scale, bias, per_example, epsilon)[0]
 
@@ -132,27 +151,29 @@ def _moment_count(x, per_example):
 
 def _normalize_fwd(x, scale, bias, per_example, epsilon):
   count = _moment_count(x, per_example)
-  mean = _moment_sums(x, per_example) / count
-  centered = x - _over_hw(mean)
+  wide = x.astype(scale.dtype)
+  mean = _moment_sums(wide, per_example) / count
+  centered = wide - _over_hw(mean)
   var = _moment_sums(centered * centered, per_example) / count
   inv = jax.lax.rsqrt(var + epsilon)
-  x_hat = centered * _over_hw(inv)
-  y = x_hat * scale + bias
-  return (y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)), (x_hat, inv, scale)
+  y = centered * _over_hw(inv) * scale + bias
+  moments = (jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
+  return (y, *moments), (x, mean, inv, scale)
 
 
 def _normalize_bwd(per_example, epsilon, residuals, cotangents):
   del epsilon
-  x_hat, inv, scale = residuals
+  x, mean, inv, scale = residuals
+  x_hat = (x.astype(scale.dtype) - _over_hw(mean)) * _over_hw(inv)
   dy = cotangents[0]
-  count = _moment_count(x_hat, per_example)
+  count = _moment_count(x, per_example)
   d_bias = _moment_sums(dy, per_example)
   d_scale = _moment_sums(dy * x_hat, per_example)
   dx = _over_hw(inv * scale / count) * (
       count * dy - _over_hw(d_bias) - x_hat * _over_hw(d_scale))
   if per_example:
     d_bias, d_scale = d_bias.sum(0), d_scale.sum(0)
-  return dx, d_scale, d_bias
+  return dx.astype(x.dtype), d_scale, d_bias
 
 
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
@@ -182,9 +203,9 @@ class InstanceNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     del train  # Same computation in both modes.
-    x32 = x.astype(accumulation_dtype(self.dtype))
-    ones, zeros = jnp.ones(x.shape[-1], x32.dtype), jnp.zeros(x.shape[-1], x32.dtype)
-    return normalize(x32, ones, zeros, True, self.epsilon)[0].astype(self.dtype)
+    acc = accumulation_dtype(self.dtype)
+    ones, zeros = jnp.ones(x.shape[-1], acc), jnp.zeros(x.shape[-1], acc)
+    return normalize(x, ones, zeros, True, self.epsilon)[0].astype(self.dtype)
 
 
 def make_norm(kind: str, name: str | None, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
