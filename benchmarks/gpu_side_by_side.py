@@ -8,7 +8,8 @@ the GPU and package versions; the official training iteration (harness, --device
 256 px, ngf 64, batch 1, 8 and 16; an 8192^3 bfloat16 matmul as the practical peak; ours in
 float32 and bfloat16 compute at batch 1, 8, 16 and larger until memory runs out; a profiler
 trace of our fastest bfloat16 configuration (top ops by GPU time); the input pipeline
-(benchmarks/input_pipeline.py, 0, 4 and 8 Grain workers).  Writes results.json, table.md
+(benchmarks/input_pipeline.py, 0, 4 and 8 Grain workers); `layers.reflect_pad` against
+`jnp.pad(mode='reflect')` alone, forward and backward, at the ResNet-block shape.  Writes results.json, table.md
 and the trace under --out, after every part, so a cut-off run still leaves its figures.
 """
 import argparse
@@ -46,6 +47,7 @@ def parse_args(argv):
   parser.add_argument('--prepared', type=pathlib.Path,
                       help='a prepared dataset for the input-pipeline part (else a phantom)')
   parser.add_argument('--no-profile', dest='profile', action='store_false')
+  parser.add_argument('--no-input-pipeline', dest='input_pipeline', action='store_false')
   parser.add_argument('--out', type=pathlib.Path, required=True)
   parser.add_argument('--budget-s', type=float, default=420)
   parser.add_argument('--steps', type=int, default=20)
@@ -186,6 +188,30 @@ def profile(ours, key, out, steps=5):
   return result
 
 
+def reflect_pads(batch=64, size=64, channels=256, reps=20):
+  """ms per forward+backward of a ResNet-block reflect pad: ours and jnp.pad's."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from aegan_jax import layers  # noqa: PLC0415
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, channels), jnp.bfloat16)
+  forms = {'layers.reflect_pad': lambda v: layers.reflect_pad(v, 1),
+           'jnp.pad_reflect': lambda v: jnp.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)), 'reflect')}
+  result = {'shape': list(x.shape), 'dtype': 'bfloat16'}
+  for name, pad in forms.items():
+    def forward_backward(v, pad=pad):
+      padded, backward = jax.vjp(pad, v)
+      return backward(padded)[0]
+    step = jax.jit(forward_backward)
+    step(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      step(x).block_until_ready()
+      times.append(time.perf_counter() - start)
+    result[name + '_ms'] = statistics.median(times) * 1e3
+  return result
+
+
 def input_pipeline(out, prepared):
   script = pathlib.Path(__file__).resolve().parent / 'input_pipeline.py'
   source = ['--prepared', str(prepared)] if prepared else ['--subjects', '4']
@@ -270,12 +296,20 @@ def main(argv=None):
     except Exception as error:  # noqa: BLE001
       results['profile'] = {'error': str(error)[:500]}
     save(results, args.out)
-  results['input_pipeline'] = input_pipeline(args.out, args.prepared)
+  if args.input_pipeline:
+    results['input_pipeline'] = input_pipeline(args.out, args.prepared)
+    save(results, args.out)
+  try:
+    results['reflect_pad'] = reflect_pads()
+  except Exception as error:  # noqa: BLE001
+    results['reflect_pad'] = {'error': str(error)[:500]}
+  print('reflect pad', results['reflect_pad'], flush=True)
   save(results, args.out)
   run_ours(ours, plan[4:], results, args, deadline(40))
+  save(results, args.out)
   print(table(results))
   print(json.dumps(results.get('profile', {}), indent=1)[:3000])
-  print('input pipeline:', *results['input_pipeline']['lines'], sep='\n  ')
+  print('input pipeline:', *results.get('input_pipeline', {}).get('lines', []), sep='\n  ')
 
 
 if __name__ == '__main__':
