@@ -1,13 +1,15 @@
 """Building blocks of the AE-GAN networks (Flax Linen, NHWC).
 
 Everything mirrors a PyTorch layer of the official code closely enough that
-its weights load unchanged (see `official.py`): the same padding modes, the
+its weights load unchanged (see `weight_conversion.py`): the same padding modes, the
 same transposed-convolution geometry and BatchNorm with PyTorch's running
 statistics (momentum 0.1, unbiased running variance).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -208,20 +210,60 @@ class InstanceNorm(nn.Module):
     return normalize(x, ones, zeros, True, self.epsilon)[0].astype(self.dtype)
 
 
-def make_norm(kind: str, name: str | None, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
-  if kind == 'batch':
-    return BatchNorm(dtype=dtype, param_dtype=param_dtype, name=name)
-  if kind == 'instance':
-    return InstanceNorm(dtype=dtype, name=name)
-  raise ValueError(f"model.norm must be 'batch' or 'instance', got {kind!r}")
-
-
 def conv(features, kernel, *, name=None, stride=1, padding='VALID', use_bias=False,
          dtype=jnp.float32, param_dtype=jnp.float32):
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=padding, use_bias=use_bias, kernel_init=weight_init,
                  bias_init=nn.initializers.zeros, dtype=dtype,
                  param_dtype=param_dtype, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFactory:
+  """How every block makes its layers: chosen once per network, then passed down.
+
+  `norm(name=...)` makes BatchNorm or InstanceNorm.  A convolution followed by a
+  norm has a bias only where the norm has no shift of its own (instance norm,
+  affine=False), as in the official code: `conv_bias`.  Every layer computes in
+  `dtype` and keeps its parameters in `param_dtype`.
+  """
+  norm: Callable[..., nn.Module]
+  conv_bias: bool
+  dtype: Dtype
+  param_dtype: Dtype
+
+  def conv(self, features, kernel, *, name, stride=1, padding='VALID', use_bias=None):
+    """use_bias None: the rule for a convolution followed by a norm."""
+    return conv(features, kernel, name=name, stride=stride, padding=padding,
+                use_bias=self.conv_bias if use_bias is None else use_bias,
+                dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def up(self, features, *, name):
+    return UpConv(features, use_bias=self.conv_bias, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=name)
+
+  def attention(self, *, name):
+    return ChannelAttention(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+
+def _dtype(value, field):
+  try:
+    return jnp.dtype(value)
+  except TypeError:
+    raise ValueError(f'config.model.{field}={value!r} is not a dtype '
+                     "(e.g. 'float32', 'bfloat16')") from None
+
+
+def layer_factory(norm: str, dtype='float32', param_dtype='float32') -> LayerFactory:
+  """The factory for `config.model.norm`, `dtype` and `param_dtype`; the one place
+  these are checked."""
+  dtype, param_dtype = _dtype(dtype, 'dtype'), _dtype(param_dtype, 'param_dtype')
+  if norm == 'batch':
+    return LayerFactory(functools.partial(BatchNorm, dtype=dtype, param_dtype=param_dtype),
+                        False, dtype, param_dtype)
+  if norm == 'instance':
+    return LayerFactory(functools.partial(InstanceNorm, dtype=dtype), True, dtype, param_dtype)
+  raise ValueError(f"config.model.norm={norm!r} must be 'batch' or 'instance'")
 
 
 # Sub-pixel form of ConvTranspose2d(k=3, s=2, p=1, output_padding=1).  Output pixel
@@ -326,70 +368,56 @@ class HalfDropout(nn.Module):
 
 class ResnetBlock(nn.Module):
   """x + [reflect-pad 1, conv3x3, norm, ReLU, dropout 0.5, reflect-pad 1, conv3x3, norm]."""
-  norm: str = 'batch'
+  make: LayerFactory
   use_dropout: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     features = x.shape[-1]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    use_bias = self.norm == 'instance'  # The official code adds biases only without BatchNorm.
-    h = conv(features, 3, use_bias=use_bias, name='conv_0', **kw)(reflect_pad(x, 1))
-    h = nn.relu(make_norm(self.norm, 'norm_0', **kw)(h, train=train))
+    h = self.make.conv(features, 3, name='conv_0')(reflect_pad(x, 1))
+    h = nn.relu(self.make.norm(name='norm_0')(h, train=train))
     if self.use_dropout:
       h = HalfDropout()(h, deterministic=not train)
-    h = conv(features, 3, use_bias=use_bias, name='conv_1', **kw)(reflect_pad(h, 1))
-    return x + make_norm(self.norm, 'norm_1', **kw)(h, train=train)
+    h = self.make.conv(features, 3, name='conv_1')(reflect_pad(h, 1))
+    return x + self.make.norm(name='norm_1')(h, train=train)
 
 
 class BranchEncoder(nn.Module):
   """7x7 conv then two stride-2 3x3 convs, each followed by norm and ReLU."""
+  make: LayerFactory
   ngf: int = 64
-  norm: str = 'batch'
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    use_bias = self.norm == 'instance'
-    h = conv(self.ngf, 7, use_bias=use_bias, name='conv_in', **kw)(reflect_pad(x, 3))
-    h = nn.relu(make_norm(self.norm, 'norm_in', **kw)(h, train=train))
+    h = self.make.conv(self.ngf, 7, name='conv_in')(reflect_pad(x, 3))
+    h = nn.relu(self.make.norm(name='norm_in')(h, train=train))
     for i, features in enumerate((2 * self.ngf, 4 * self.ngf)):
-      h = conv(features, 3, stride=2, padding=((1, 1), (1, 1)), use_bias=use_bias,
-               name=f'down_{i}', **kw)(h)
-      h = nn.relu(make_norm(self.norm, f'norm_down_{i}', **kw)(h, train=train))
+      h = self.make.conv(features, 3, stride=2, padding=((1, 1), (1, 1)), name=f'down_{i}')(h)
+      h = nn.relu(self.make.norm(name=f'norm_down_{i}')(h, train=train))
     return h
 
 
 class DecoderStage(nn.Module):
   """Transposed conv (2x), norm, ReLU and, in the generator, channel attention."""
+  make: LayerFactory
   features: int
-  norm: str = 'batch'
   attention: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = UpConv(self.features, use_bias=self.norm == 'instance', name='up', **kw)(x)
-    h = nn.relu(make_norm(self.norm, 'norm', **kw)(h, train=train))
+    h = self.make.up(self.features, name='up')(x)
+    h = nn.relu(self.make.norm(name='norm')(h, train=train))
     if self.attention:
-      h = ChannelAttention(name='attention', **kw)(h)
+      h = self.make.attention(name='attention')(h)
     return h
 
 
 class OutputConv(nn.Module):
   """Reflect-pad 3, 7x7 conv with bias, tanh."""
+  make: LayerFactory
   features: int = 1
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    h = conv(self.features, 7, use_bias=True, name='conv', dtype=self.dtype,
-             param_dtype=self.param_dtype)(reflect_pad(x, 3))
-    return jnp.tanh(h.astype(accumulation_dtype(self.dtype)))
+    h = self.make.conv(self.features, 7, use_bias=True, name='conv')(reflect_pad(x, 3))
+    return jnp.tanh(h.astype(accumulation_dtype(self.make.dtype)))

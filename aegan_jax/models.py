@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from aegan_jax import layers
+from aegan_jax import modalities
 
 Dtype = Any
 
@@ -24,6 +25,15 @@ def check_image_size(height: int, width: int) -> None:
         "the discriminator's patch-logit map is empty)")
 
 
+def check_options(network) -> None:
+  """The one check of `config.model`'s values, run when a network is constructed."""
+  layers.layer_factory(network.norm, network.dtype, network.param_dtype)
+  for field, least in (('ngf', 1), ('num_blocks', 0)):
+    value = getattr(network, field)
+    if not isinstance(value, int) or value < least:
+      raise ValueError(f'config.model.{field}={value!r} must be an integer >= {least}')
+
+
 class SynthesisGenerator(nn.Module):
   """Multi-branch ResNet generator (official `MultiHeadResnetGenerator`).
 
@@ -31,16 +41,19 @@ class SynthesisGenerator(nn.Module):
   input modality followed by the M one-hot target planes
   (`modalities.assemble_generator_input`).  One encoder per branch, a 1x1
   fusion conv, ResNet blocks, then two upsampling stages with channel
-  attention.  The branches are separate submodules so that one encoder per
-  modality with masked absent inputs can replace the fixed branch order.
+  attention.  The fields are `config.model`'s (see `build_networks`).
   """
   num_modalities: int = 4
   ngf: int = 64
   num_blocks: int = 6
   norm: str = 'batch'
   use_dropout: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  dtype: Dtype = 'float32'
+  param_dtype: Dtype = 'float32'
+
+  def __post_init__(self):
+    check_options(self)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x, *, train: bool, return_features: bool = False):
@@ -50,20 +63,19 @@ class SynthesisGenerator(nn.Module):
       raise ValueError(f'generator input has {x.shape[-1]} channels, expected {expected} '
                        f'({num_branches} branches x (image + {self.num_modalities} mask planes))')
     check_image_size(x.shape[1], x.shape[2])
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    branches = jnp.split(x.astype(self.dtype), num_branches, axis=-1)
-    encoded = [layers.BranchEncoder(self.ngf, self.norm, name=f'encoder_{i}', **kw)(b, train=train)
+    make = layers.layer_factory(self.norm, self.dtype, self.param_dtype)
+    branches = jnp.split(x.astype(make.dtype), num_branches, axis=-1)
+    encoded = [layers.BranchEncoder(make, self.ngf, name=f'encoder_{i}')(b, train=train)
                for i, b in enumerate(branches)]
-    h = layers.conv(4 * self.ngf, 1, use_bias=True, name='fuse', **kw)(
-        jnp.concatenate(encoded, axis=-1))
-    h = nn.relu(h)
+    h = nn.relu(make.conv(4 * self.ngf, 1, use_bias=True, name='fuse')(
+        jnp.concatenate(encoded, axis=-1)))
     for i in range(self.num_blocks):
-      h = layers.ResnetBlock(self.norm, self.use_dropout, name=f'blocks_{i}', **kw)(h, train=train)
-    feature_0 = layers.DecoderStage(2 * self.ngf, self.norm, attention=True,
-                                    name='decoder_0', **kw)(h, train=train)
-    feature_1 = layers.DecoderStage(self.ngf, self.norm, attention=True,
-                                    name='decoder_1', **kw)(feature_0, train=train)
-    image = layers.OutputConv(1, name='output', **kw)(feature_1)
+      h = layers.ResnetBlock(make, self.use_dropout, name=f'blocks_{i}')(h, train=train)
+    feature_0 = layers.DecoderStage(make, 2 * self.ngf, attention=True,
+                                    name='decoder_0')(h, train=train)
+    feature_1 = layers.DecoderStage(make, self.ngf, attention=True,
+                                    name='decoder_1')(feature_0, train=train)
+    image = layers.OutputConv(make, name='output')(feature_1)
     if return_features:
       return image, (feature_0, feature_1)
     return image
@@ -71,21 +83,19 @@ class SynthesisGenerator(nn.Module):
 
 class DiscriminatorHead(nn.Module):
   """1x1 conv, norm, LeakyReLU 0.2, then patch logits and modality-class logits."""
+  make: layers.LayerFactory
   num_classes: int = 4
-  norm: str = 'batch'
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h, *, train: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    d = layers.conv(h.shape[-1], 1, use_bias=self.norm == 'instance', name='conv', **kw)(h)
-    d = nn.leaky_relu(layers.make_norm(self.norm, 'norm', **kw)(d, train=train), 0.2)
-    patch_logits = layers.conv(1, 4, stride=2, name='patch', **kw)(d)
+    d = self.make.conv(h.shape[-1], 1, name='conv')(h)
+    d = nn.leaky_relu(self.make.norm(name='norm')(d, train=train), 0.2)
+    patch_logits = self.make.conv(1, 4, stride=2, use_bias=False, name='patch')(d)
     # A kernel spanning the whole map: the official 64x64 conv at 256 px, any size here.
     class_logits = nn.Conv(self.num_classes, d.shape[1:3], padding='VALID', use_bias=True,
-                           kernel_init=layers.weight_init, name='classes', **kw)(d)
-    acc = layers.accumulation_dtype(self.dtype)
+                           kernel_init=layers.weight_init, dtype=self.make.dtype,
+                           param_dtype=self.make.param_dtype, name='classes')(d)
+    acc = layers.accumulation_dtype(self.make.dtype)
     return (patch_logits.astype(acc),
             class_logits.reshape(d.shape[0], self.num_classes).astype(acc))
 
@@ -110,22 +120,25 @@ class AutoEncoder(nn.Module):
   num_blocks: int = 6
   norm: str = 'batch'
   use_dropout: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  dtype: Dtype = 'float32'
+  param_dtype: Dtype = 'float32'
+
+  def __post_init__(self):
+    check_options(self)
+    super().__post_init__()
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.encoder = layers.BranchEncoder(self.ngf, self.norm, **kw)
-    self.blocks = [layers.ResnetBlock(self.norm, self.use_dropout, **kw)
-                   for i in range(self.num_blocks)]
-    self.head = DiscriminatorHead(self.num_classes, self.norm, **kw)
-    self.decoder_0 = layers.DecoderStage(2 * self.ngf, self.norm, **kw)
-    self.decoder_1 = layers.DecoderStage(self.ngf, self.norm, **kw)
-    self.output = layers.OutputConv(1, **kw)
+    make = layers.layer_factory(self.norm, self.dtype, self.param_dtype)
+    self.encoder = layers.BranchEncoder(make, self.ngf)
+    self.blocks = [layers.ResnetBlock(make, self.use_dropout) for _ in range(self.num_blocks)]
+    self.head = DiscriminatorHead(make, self.num_classes)
+    self.decoder_0 = layers.DecoderStage(make, 2 * self.ngf)
+    self.decoder_1 = layers.DecoderStage(make, self.ngf)
+    self.output = layers.OutputConv(make)
 
   def encode(self, x, *, train: bool):
     check_image_size(x.shape[1], x.shape[2])
-    h = self.encoder(x.astype(self.dtype), train=train)
+    h = self.encoder(x.astype(jnp.dtype(self.dtype)), train=train)
     for block in self.blocks:
       h = block(h, train=train)
     return h
@@ -153,12 +166,21 @@ class AutoEncoder(nn.Module):
     return self.decode(self.encode(x, train=train), train=train)[1]
 
 
+def generator_batch(images, target_index):
+  """(generator input, target) from all modalities [N, H, W, M] and target indices [N].
+
+  Built inside the step, on device: M channels travel from the host instead of
+  (M - 1) * (M + 1).
+  """
+  target = jnp.take_along_axis(images, target_index[:, None, None, None], axis=-1)
+  return modalities.assemble_generator_input(images, target_index, xp=jnp), target
+
+
 def build_networks(model_config, num_modalities: int):
-  """Both networks from a `config.model` block."""
-  dtype = jnp.dtype(model_config.get('dtype', 'float32'))
-  param_dtype = jnp.dtype(model_config.get('param_dtype', 'float32'))
-  common = dict(ngf=model_config.ngf, num_blocks=model_config.num_blocks,
-                norm=model_config.norm, use_dropout=model_config.use_dropout,
-                dtype=dtype, param_dtype=param_dtype)
-  return (SynthesisGenerator(num_modalities=num_modalities, **common),
-          AutoEncoder(num_classes=num_modalities, **common))
+  """Both networks from a `config.model` block, whose fields are their keywords."""
+  options = dict(model_config.items())
+  try:
+    return (SynthesisGenerator(num_modalities=num_modalities, **options),
+            AutoEncoder(num_classes=num_modalities, **options))
+  except TypeError as e:  # a field neither network has
+    raise ValueError(f'config.model: {e}') from None

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from aegan_jax import modalities
 from aegan_jax import train
 
 
@@ -56,22 +55,9 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('data'))
 
 
-def model_batch(batch):
-  """Generator input and target from all modalities, built on device (4 channels travel, not 16)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  images, target_index = batch['images'], batch['target_index']
-  target = jnp.take_along_axis(images, target_index[:, None, None, None], axis=-1)
-  return {'generator_input': modalities.assemble_generator_input(images, target_index, xp=jnp),
-          'target': target}
-
-
-def _step_on_images(state, batch, *, trainer):
-  return train.train_step(state, model_batch(batch), trainer=trainer)
-
-
 def sharded_train_step(trainer: train.Trainer, mesh: Mesh):
   """jit-compiled iteration: state replicated (and donated), batch sharded on 'data'."""
-  return jax.jit(functools.partial(_step_on_images, trainer=trainer),
+  return jax.jit(functools.partial(train.train_step, trainer=trainer),
                  in_shardings=(replicated(mesh), batch_sharded(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)),
                  donate_argnums=0)

@@ -56,11 +56,19 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-  gan_mode: str = 'vanilla'
-  lambda_l1: float = 100.0       # generator L1 weight (brats.yaml)
-  ae_lambda_l1: float = 100.0    # AE reconstruction L1 weight (auto_encoder.yaml)
-  sr_decay_factor: float = 0.05  # official: sr_weight *= 0.05 ...
-  sr_decay_every: int = 5000     # ... every 5000 iterations; 0 disables the decay
+  """`config.loss`, field for field (the defaults live in the config files)."""
+  gan_mode: str            # vanilla (official BCE) | lsgan
+  lambda_l1: float         # generator L1 weight
+  ae_lambda_l1: float      # AE reconstruction L1 weight
+  sr_weight: float         # initial self-representation weight; the state carries its decay
+  sr_decay_factor: float   # sr_weight *= sr_decay_factor ...
+  sr_decay_every: int      # ... every this many iterations; 0 disables the decay
+
+  def __post_init__(self):
+    if self.gan_mode not in ('vanilla', 'lsgan'):
+      raise ValueError(f"config.loss.gan_mode={self.gan_mode!r} must be 'vanilla' or 'lsgan'")
+    if self.sr_decay_every < 0:
+      raise ValueError(f'config.loss.sr_decay_every={self.sr_decay_every} must be >= 0')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,20 +91,30 @@ def learning_rate_schedule(base_lr, constant_steps, decay_steps):
        optax.linear_schedule(base_lr, 0.0, decay_steps)], [constant_steps])
 
 
+def make_optimizer(*, learning_rate, b1, b2, eps, lr_constant_steps, lr_decay_steps):
+  """`config.optim` -> (Adam, its learning-rate schedule); each network keeps its own state."""
+  if not learning_rate > 0:
+    raise ValueError(f'config.optim.learning_rate={learning_rate!r} must be positive')
+  schedule = learning_rate_schedule(learning_rate, lr_constant_steps, lr_decay_steps)
+  return optax.adam(schedule, b1=b1, b2=b2, eps=eps), schedule
+
+
 def make_trainer(config, num_modalities: int) -> Trainer:
+  """The networks, optimizers and loss weights of `config`'s model, optim and loss groups.
+
+  Each group's fields are its constructor's keywords; a bad value raises ValueError
+  naming the field.
+  """
   generator, autoencoder = models.build_networks(config.model, num_modalities)
-  lr = learning_rate_schedule(config.optim.learning_rate, config.optim.lr_constant_steps,
-                              config.optim.lr_decay_steps)
-  make_tx = lambda: optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2,
-                               eps=config.optim.eps)
-  weights = LossWeights(gan_mode=config.loss.gan_mode, lambda_l1=config.loss.lambda_l1,
-                        ae_lambda_l1=config.loss.ae_lambda_l1,
-                        sr_decay_factor=config.loss.sr_decay_factor,
-                        sr_decay_every=config.loss.sr_decay_every)
-  return Trainer(generator, autoencoder, make_tx(), make_tx(), weights, lr)
+  adam, schedule = make_optimizer(**config.optim)
+  try:
+    weights = LossWeights(**config.loss)
+  except TypeError as e:
+    raise ValueError(f'config.loss: {e}') from None
+  return Trainer(generator, autoencoder, adam, adam, weights, schedule)
 
 
-def init_state(trainer: Trainer, rng, image_size: int, sr_weight: float) -> TrainState:
+def init_state(trainer: Trainer, rng, image_size: int) -> TrainState:
   """Fresh state (official init: N(0, 0.02) weights, BN gamma ~ N(1, 0.02))."""
   g_rng, ae_rng, train_rng = jax.random.split(rng, 3)
   channels = modalities.generator_input_channels(trainer.generator.num_modalities)
@@ -112,7 +130,7 @@ def init_state(trainer: Trainer, rng, image_size: int, sr_weight: float) -> Trai
   return TrainState(step=jnp.zeros((), jnp.int32),
                     generator=network_state(g_vars, trainer.generator_tx),
                     autoencoder=network_state(ae_vars, trainer.autoencoder_tx),
-                    sr_weight=jnp.asarray(sr_weight, jnp.float32),
+                    sr_weight=jnp.asarray(trainer.weights.sr_weight, jnp.float32),
                     rng=train_rng)
 
 
@@ -192,15 +210,15 @@ def _generator_loss_grads(trainer, ae: NetworkState, synthesized, features, targ
 
 
 def train_step(state: TrainState, batch, *, trainer: Trainer):
-  """One AE-GAN iteration.  batch: generator_input [N,H,W,C], target [N,H,W,1]."""
+  """One AE-GAN iteration on the loader's batch: images [N, H, W, M], target_index [N]."""
   rng = jax.random.fold_in(state.rng, state.step)
   g_rng, ae_rng, g_loss_rng = jax.random.split(rng, 3)
-  target = batch['target']
+  generator_input, target = models.generator_batch(batch['images'], batch['target_index'])
   g = state.generator
 
   def generator_forward(params):
     (synth, feats), new_state = trainer.generator.apply(
-        {'params': params, 'batch_stats': g.batch_stats}, batch['generator_input'], train=True,
+        {'params': params, 'batch_stats': g.batch_stats}, generator_input, train=True,
         return_features=True, rngs={'dropout': g_rng}, mutable=['batch_stats'])
     return (synth, feats), _stats(new_state)
 

@@ -14,7 +14,6 @@ import pathlib
 import platform
 import shutil
 import signal
-import tempfile
 import time
 from importlib import metadata
 
@@ -24,6 +23,7 @@ import numpy as np
 from aegan_jax import checkpoints
 from aegan_jax import data
 from aegan_jax import parallel
+from aegan_jax import reports
 from aegan_jax import samples
 from aegan_jax import train
 from aegan_jax import workdir_lock
@@ -59,11 +59,6 @@ def validate_config(config) -> None:
       # Below 16 px the discriminator's patch-logit map is empty and the GAN loss NaN.
       ('data.image_size', config.data.image_size % 4 == 0 and config.data.image_size >= 16,
        'must be a multiple of 4, at least 16'),
-      ('model.ngf', config.model.ngf > 0, 'must be positive'),
-      ('model.norm', config.model.norm in ('batch', 'instance'), "must be 'batch' or 'instance'"),
-      ('loss.gan_mode', config.loss.gan_mode in ('vanilla', 'lsgan'),
-       "must be 'vanilla' or 'lsgan'"),
-      ('optim.learning_rate', config.optim.learning_rate > 0, 'must be positive'),
       ('data.targets', len(config.data.targets) > 0 and all(
           0 <= t < len(config.data.modalities) for t in config.data.targets),
        f'must index data.modalities {tuple(config.data.modalities)}'),
@@ -72,6 +67,10 @@ def validate_config(config) -> None:
     if not ok:
       group, name = field.split('.')
       raise ConfigError(f'config.{field}={config[group][name]!r} {requirement}')
+  try:  # the model, optim and loss groups check their own fields
+    train.make_trainer(config, len(config.data.modalities))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def write_run_info(config, workdir: pathlib.Path) -> None:
@@ -281,9 +280,7 @@ def train_and_evaluate(config, workdir, step: int | None = None) -> train.TrainS
 def make_workdir(workdir) -> pathlib.Path:
   workdir = pathlib.Path(workdir).resolve()
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):  # A unique name: every host probes at once.
-      pass
+    reports.ensure_writable(workdir)
   except OSError as e:
     raise ConfigError(f'--workdir {workdir}: {e.strerror or e}') from None
   return workdir
@@ -344,8 +341,8 @@ def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
 
   trainer = train.make_trainer(config, len(config.data.modalities))
   state = parallel.replicate(
-      train.init_state(trainer, jax.random.PRNGKey(config.train.seed), config.data.image_size,
-                       config.loss.sr_weight), mesh)
+      train.init_state(trainer, jax.random.PRNGKey(config.train.seed), config.data.image_size),
+      mesh)
   iterator = iter(data.make_train_loader(
       prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
       targets=tuple(config.data.targets), flip=config.data.flip,

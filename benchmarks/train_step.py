@@ -22,7 +22,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from aegan_jax import train  # noqa: E402
-from aegan_jax.modalities import assemble_generator_input  # noqa: E402
 from configs import brats  # noqa: E402
 
 OFFICIAL_CPU_S_PER_ITER = 8.44  # 256 px, batch 1, ngf 64, torch 2.13, 2 threads (shared/README)
@@ -43,8 +42,7 @@ def make_batch(size, batch):
   rng = np.random.default_rng(0)
   images = np.tanh(rng.normal(size=(batch, size, size, 4))).astype(np.float32)
   targets = np.arange(batch) % 4
-  return {'generator_input': assemble_generator_input(images, targets),
-          'target': np.take_along_axis(images, targets[:, None, None, None], axis=-1)}
+  return {'images': images, 'target_index': targets}
 
 
 def init(size, ngf, dtype):
@@ -53,7 +51,7 @@ def init(size, ngf, dtype):
   config.model.ngf = ngf
   config.model.dtype = dtype
   trainer = train.make_trainer(config, 4)
-  return trainer, train.init_state(trainer, jax.random.PRNGKey(0), size, config.loss.sr_weight)
+  return trainer, train.init_state(trainer, jax.random.PRNGKey(0), size)
 
 
 def compile_iteration(trainer, state, size, batch):

@@ -167,15 +167,18 @@ def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monke
 
 @pytest.mark.parametrize('field,value', [('train.sample_every', 0), ('train.sample_every', -1),
                                          ('train.log_every', 0), ('data.image_size', 8),
-                                         ('data.image_size', 12), ('data.image_size', 18)])
-def test_bad_intervals_and_image_sizes_are_one_line_errors(prepared, tmp_path, capsys, field,
+                                         ('data.image_size', 12), ('data.image_size', 18),
+                                         ('model.norm', 'group'), ('model.ngf', 0),
+                                         ('model.dtype', 'float31'), ('loss.gan_mode', 'wgan'),
+                                         ('optim.learning_rate', 0.0)])
+def test_bad_field_values_are_one_line_errors(prepared, tmp_path, capsys, field,
                                                            value):
   config = launch_config(prepared, num_steps=1)
   group, name = field.split('.')
   config[group][name] = value
   assert launcher.run(config, tmp_path) == 2
   err = capsys.readouterr().err
-  assert err.startswith(f'error: config.{field}={value}') and err.count('\n') == 1, err
+  assert err.startswith(f'error: config.{field}={value!r}') and err.count('\n') == 1, err
   assert not (tmp_path / 'checkpoints').exists()
 
 

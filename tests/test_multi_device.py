@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aegan_jax import models
 from aegan_jax import parallel
 from aegan_jax import train
-from tests_helpers import phantom_image_batch, tiny_train_config
+from tests_helpers import phantom_image_batch, tiny_config
 
 DEVICE_COUNTS = (1, 2, 4)
 
@@ -26,7 +27,7 @@ def run_iterations(config, size, num_devices, steps):
   """(first-step gradient moments, first-step metrics, final state) on `num_devices`."""
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
   trainer = train.make_trainer(config, 4)
-  state = parallel.replicate(train.init_state(trainer, jax.random.PRNGKey(0), size, 0.1), mesh)
+  state = parallel.replicate(train.init_state(trainer, jax.random.PRNGKey(0), size), mesh)
   step = parallel.sharded_train_step(trainer, mesh)
   for i in range(steps):
     state, metrics = step(state, parallel.global_batch(phantom_image_batch(size, 4, i), mesh))
@@ -54,15 +55,16 @@ def assert_losses_close(one, other, rtol):
 
 def eval_output(config, state, size):
   trainer = train.make_trainer(config, 4)
-  batch = parallel.model_batch(jax.tree.map(jnp.asarray, phantom_image_batch(size, 4, 7)))
+  batch = phantom_image_batch(size, 4, 7)
+  generator_input, _ = models.generator_batch(jnp.asarray(batch['images']),
+                                              jnp.asarray(batch['target_index']))
   variables = jax.device_get(state.generator.variables())
-  return np.asarray(trainer.generator.apply(variables, batch['generator_input'], train=False))
+  return np.asarray(trainer.generator.apply(variables, generator_input, train=False))
 
 
 @pytest.mark.parametrize('norm,size', [('batch', 32), ('instance', 64)])
 def test_float64_iterations_equal_across_device_counts(norm, size):
-  config = tiny_train_config()
-  config.model.norm = norm
+  config = tiny_config(**{'model.norm': norm})
   config.model.dtype = config.model.param_dtype = 'float64'
   with jax.enable_x64(True):
     runs = {n: run_iterations(config, size, n, steps=3) for n in DEVICE_COUNTS}
@@ -75,16 +77,17 @@ def test_float64_iterations_equal_across_device_counts(norm, size):
 
 
 def test_float32_forward_is_bitwise_and_autoencoder_gradient_agrees():
-  config = tiny_train_config()
+  config = tiny_config()
   size = 64
   trainer = train.make_trainer(config, 4)
-  state = train.init_state(trainer, jax.random.PRNGKey(0), size, 0.1)
+  state = train.init_state(trainer, jax.random.PRNGKey(0), size)
   forwards, runs = {}, {}
   for n in (1, 4):
     mesh = parallel.make_mesh(jax.devices()[:n])
     forward = jax.jit(
         lambda v, b: trainer.generator.apply(
-            v, parallel.model_batch(b)['generator_input'], train=True, return_features=True,
+            v, models.generator_batch(b['images'], b['target_index'])[0], train=True,
+            return_features=True,
             rngs={'dropout': jax.random.PRNGKey(1)}, mutable=['batch_stats']),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))
     forwards[n] = jax.device_get(forward(state.generator.variables(),

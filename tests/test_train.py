@@ -7,29 +7,18 @@ import optax
 import pytest
 
 from aegan_jax import losses
+from aegan_jax import models
 from aegan_jax import train
-from aegan_jax.modalities import assemble_generator_input
-from configs import brats
+from tests_helpers import tiny_config
 
 SIZE = 32
-
-
-def tiny_config(**overrides):
-  config = brats.get_config()
-  config.model.ngf = 8
-  config.model.num_blocks = 2
-  for key, value in overrides.items():
-    group, field = key.split('.')
-    config[group][field] = value
-  return config
 
 
 def tiny_batch(seed=0, n=2):
   rng = np.random.default_rng(seed)
   images = np.tanh(rng.normal(size=(n, SIZE, SIZE, 4))).astype(np.float32)
   targets = np.array([3, 1, 0, 2][:n])
-  return {'generator_input': assemble_generator_input(images, targets),
-          'target': np.take_along_axis(images, targets[:, None, None, None], axis=-1)}
+  return {'images': images, 'target_index': targets}
 
 
 def smooth_batch(n=2):
@@ -42,13 +31,12 @@ def smooth_batch(n=2):
                             np.tanh(base ** 2 - 0.3)], axis=-1))
   images = np.asarray(images, np.float32)
   targets = np.array([3, 1, 0, 2][:n])
-  return {'generator_input': assemble_generator_input(images, targets),
-          'target': np.take_along_axis(images, targets[:, None, None, None], axis=-1)}
+  return {'images': images, 'target_index': targets}
 
 
 def make(config, seed=0):
   trainer = train.make_trainer(config, 4)
-  state = train.init_state(trainer, jax.random.PRNGKey(seed), SIZE, config.loss.sr_weight)
+  state = train.init_state(trainer, jax.random.PRNGKey(seed), SIZE)
   step = jax.jit(functools.partial(train.train_step, trainer=trainer))
   return trainer, state, step
 
@@ -57,7 +45,7 @@ def official_order_step(trainer, state, batch):
   """The official iteration written out naively: four AE passes in the D step, G run again
   for its loss.  Valid as a reference with dropout off (no masks to match)."""
   ae_apply, g_apply = trainer.autoencoder.apply, trainer.generator.apply
-  target, x = batch['target'], batch['generator_input']
+  x, target = models.generator_batch(batch['images'], batch['target_index'])
   g, ae = state.generator, state.autoencoder
   (synth, feats), g_state = g_apply(g.variables(), x, train=True, return_features=True,
                                     mutable=['batch_stats'])

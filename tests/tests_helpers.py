@@ -10,10 +10,14 @@ from configs import demo
 SIZE = 32
 
 
-def tiny_train_config():
+def tiny_config(num_blocks=2, **fields):
+  """The official config with a small network; `fields` as {'group.name': value}."""
   config = brats.get_config()
   config.model.ngf = 8
-  config.model.num_blocks = 2
+  config.model.num_blocks = num_blocks
+  for key, value in fields.items():
+    group, name = key.split('.')
+    config[group][name] = value
   return config
 
 
@@ -55,7 +59,7 @@ def launch_config(prepared_dir, **train_fields):
 
 def restored_state(workdir, config, step=None):
   t = train.make_trainer(config, 4)
-  template = train.init_state(t, jax.random.PRNGKey(99), config.data.image_size, 0.1)
+  template = train.init_state(t, jax.random.PRNGKey(99), config.data.image_size)
   manager = checkpoints.make_manager(workdir)
   state = checkpoints.restore_train_state(manager, step or manager.latest_step(), template)
   manager.close()
