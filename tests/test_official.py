@@ -3,10 +3,12 @@ import numpy as np
 import pytest
 
 from aegan_jax import official
+from aegan_jax import parity
+from aegan_jax import weight_conversion
 
 
 def test_fixture_parity_every_key_within_tolerance(parity_fixture_path):
-  rows = official.check(parity_fixture_path)
+  rows = parity.check(parity_fixture_path)
   failed = [(key, rel) for key, _, rel, ok in rows if not ok]
   assert not failed, failed
   keys = {row[0] for row in rows}
@@ -24,7 +26,7 @@ def test_check_fails_on_a_perturbed_fixture(parity_fixture_path, tmp_path):
   data['loss_G_SR'] = data['loss_G_SR'] * 1.01
   bad = tmp_path / 'bad.npz'
   np.savez(bad, **data)
-  rows = {row[0]: row for row in official.check(bad)}
+  rows = {row[0]: row for row in parity.check(bad)}
   assert not rows['G_out'][3] and not rows['loss_G_SR'][3]
   assert rows['AE_out'][3]
 
@@ -38,8 +40,8 @@ def test_cli_exit_codes(parity_fixture_path, tmp_path, capsys):
 
 
 def test_weight_import_reads_architecture_and_layouts(parity_fixture_path):
-  tensors = official.read_state_dict(parity_fixture_path, 'G/')
-  generator, variables = official.load_generator(tensors)
+  tensors = weight_conversion.read_state_dict(parity_fixture_path, 'G/')
+  generator, variables = weight_conversion.load_generator(tensors)
   assert (generator.num_modalities, generator.ngf, generator.num_blocks) == (4, 8, 6)
   kernel = variables['params']['encoder_0']['conv_in']['kernel']
   np.testing.assert_array_equal(kernel[1, 2, 3, 4], tensors['encoder_0_0.1.weight'][4, 3, 1, 2])
@@ -49,26 +51,26 @@ def test_weight_import_reads_architecture_and_layouts(parity_fixture_path):
 
 
 def test_unexpected_state_dict_is_a_clear_error(parity_fixture_path):
-  tensors = official.read_state_dict(parity_fixture_path, 'G/')
+  tensors = weight_conversion.read_state_dict(parity_fixture_path, 'G/')
   tensors['extra.weight'] = np.zeros(3, np.float32)
-  with pytest.raises(official.WeightImportError, match='unexpected tensors'):
-    official.load_generator(tensors)
-  with pytest.raises(official.WeightImportError, match='not an official AE-GAN autoencoder'):
-    official.load_autoencoder(tensors)
+  with pytest.raises(weight_conversion.WeightImportError, match='unexpected tensors'):
+    weight_conversion.load_generator(tensors)
+  with pytest.raises(weight_conversion.WeightImportError,
+                     match='not an official AE-GAN autoencoder'):
+    weight_conversion.load_autoencoder(tensors)
 
 
 def test_pth_state_dict_is_read_without_unpickling_objects(parity_fixture_path, tmp_path):
   torch = pytest.importorskip('torch')
-  tensors = official.read_state_dict(parity_fixture_path, 'G/')
+  tensors = weight_conversion.read_state_dict(parity_fixture_path, 'G/')
   state = {f'module.{k}': torch.from_numpy(v) for k, v in tensors.items()}  # DataParallel form
   torch.save(state, tmp_path / 'latest_net_G.pth')
-  loaded = official.read_state_dict(tmp_path / 'latest_net_G.pth')
+  loaded = weight_conversion.read_state_dict(tmp_path / 'latest_net_G.pth')
   assert loaded.keys() == tensors.keys()
   np.testing.assert_array_equal(loaded['decoder_0.0.weight'], tensors['decoder_0.0.weight'])
   torch.save({'weights': object()}, tmp_path / 'pickled.pth')  # Arbitrary objects are refused.
-  with pytest.raises(official.WeightImportError, match='not a plain PyTorch state dict'):
-    official.read_state_dict(tmp_path / 'pickled.pth')
-
+  with pytest.raises(weight_conversion.WeightImportError, match='not a plain PyTorch state dict'):
+    weight_conversion.read_state_dict(tmp_path / 'pickled.pth')
 
 
 def test_check_on_an_empty_or_mis_shaped_file_is_one_line(tmp_path, capsys):
@@ -79,3 +81,13 @@ def test_check_on_an_empty_or_mis_shaped_file_is_one_line(tmp_path, capsys):
     assert official.main(['check', str(tmp_path / name)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count('\n') == 1, err
+
+
+def test_check_on_a_fixture_without_inputs_is_one_line(parity_fixture_path, tmp_path, capsys):
+  fixture = np.load(parity_fixture_path)
+  weights_only = tmp_path / 'weights_only.npz'
+  np.savez(weights_only, **{k: fixture[k] for k in fixture.files if k.startswith(('G/', 'AE/'))})
+  assert official.main(['check', str(weights_only)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {weights_only}: ') and 'input_A' in err, err
+  assert err.count('\n') == 1, err
