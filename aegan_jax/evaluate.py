@@ -18,34 +18,32 @@
 Every single-missing scenario (each modality as the target) is run, and the
 same metrics for a trivial baseline: the input modality that, copied as it is
 prepared, gives the highest mean aegan-PSNR for that target on this split.
+The generator runs through `inference.Synthesizer`; source NIfTI files are
+read with `data_prep.nifti`.
 
-Writes `<workdir>/eval/<step>/`: metrics.json (summary and per-subject
+Writes `<workdir>/eval/<step>/` (with `reports`): metrics.json (summary and per-subject
 values), metrics.csv (one row per method, protocol, target and subject),
 metrics.md (mean +- std over subjects) and grid_<target>.png (best, median
 and worst subject).  See docs/evaluation.md.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
-import json
 import math
 import pathlib
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-import nibabel as nib
 import numpy as np
-from PIL import Image
-from PIL import ImageDraw
 
 from aegan_jax import data
+from aegan_jax import inference
 from aegan_jax import metrics
 from aegan_jax import models
-from aegan_jax import synthesize
+from aegan_jax import reports
+from data_prep import nifti
 from data_prep import preprocess
 
 PROTOCOLS = ('aegan', 'volume', 'brasyn')
@@ -56,6 +54,11 @@ METHODS = ('model', 'baseline')
 PSNR_CAP = 100.0  # dB; identical images (e.g. empty slices copied) would give inf.
 BRASYN_PERCENTILES = (0.5, 99.5)
 MIN_SSIM3D_SLICES = 11  # The 3D window is 11 voxels deep.
+PROTOCOL_TITLES = {
+    'aegan': 'aegan: 2D slices as prepared, [-1, 1] -> [0, 1], data range 1',
+    'volume': 'volume: 3D at original intensities, brain mask, data range = real max - min',
+    'brasyn': 'brasyn: 3D, each volume clipped at its 0.5 / 99.5 brain percentiles -> [0, 1]',
+}
 
 
 class EvaluationError(ValueError):
@@ -210,13 +213,12 @@ def _read_source(entry, modalities):
   paths = [entry.get('files', {}).get(m) for m in modalities]
   if not all(p and pathlib.Path(p).is_file() for p in paths):
     return None
+  shape, keep = entry['shape'], entry['slices']
   try:
-    real = np.stack([np.asarray(nib.load(p).dataobj, np.float32).reshape(entry['shape'])
-                     [:, :, entry['slices']] for p in paths])
+    real = np.stack([nifti.read_voxels(p, shape)[:, :, keep] for p in paths])
     seg = None
     if entry.get('seg') and pathlib.Path(entry['seg']).is_file():
-      seg = np.rint(np.asarray(nib.load(entry['seg']).dataobj, np.float32).reshape(
-          entry['shape'])[:, :, entry['slices']]).astype(np.uint8)
+      seg = nifti.read_labels(entry['seg'], shape)[:, :, keep]
   except Exception:  # pylint: disable=broad-except  # Fall back to the prepared slices.
     return None
   return real, seg
@@ -286,7 +288,7 @@ def evaluate_subject(synthesizer, subject, entry, manifest, baselines):
 
 
 # --------------------------------------------------------------------------
-# Aggregation and reports.
+# Aggregation.
 
 
 def summarise(rows, modalities) -> dict:
@@ -320,112 +322,6 @@ def scalars(summary, modalities) -> dict[str, float]:
   return out
 
 
-PROTOCOL_TITLES = {
-    'aegan': 'aegan: 2D slices as prepared, [-1, 1] -> [0, 1], data range 1',
-    'volume': 'volume: 3D at original intensities, brain mask, data range = real max - min',
-    'brasyn': 'brasyn: 3D, each volume clipped at its 0.5 / 99.5 brain percentiles -> [0, 1]',
-}
-METRIC_HEADERS = {'psnr': 'PSNR (dB) ↑', 'ssim': 'SSIM ↑', 'fsim': 'FSIM ↑', 'mae': 'MAE ↓',
-                  'ssim_tumour': 'SSIM tumour ↑', 'ssim_non_tumour': 'SSIM non-tumour ↑'}
-
-
-def _format(value, metric, protocol, signed=False):
-  if not np.isfinite(value):
-    return '–'
-  digits = 2 if metric == 'psnr' or (metric == 'mae' and protocol == 'volume') else 4
-  return f'{value:+.{digits}f}' if signed else f'{value:.{digits}f}'
-
-
-def markdown(report) -> str:
-  summary, modalities = report['summary'], report['modalities']
-  lines = [f'# Evaluation: step {report["step"]}, split {report["split"]}', '',
-           f'{report["num_subjects"]} subjects, {report["num_slices"]} slices; '
-           f'workdir `{report["workdir"]}`; real volumes from {report["volume_reference"]}. '
-           'Mean ± std over subjects. Baseline: the named input modality copied as '
-           'the synthesis (the best one per target by mean aegan-PSNR on this split); '
-           '*margin* = AE-GAN − baseline. Generator run ' +
-           ('as the official test.py runs it (each slice alone in train mode, dropout on).'
-            if report.get('official_test_mode') else
-            'in eval mode (BatchNorm running statistics, no dropout).'), '']
-  for protocol in PROTOCOLS:
-    metrics = METRICS[protocol]
-    lines += [f'## {PROTOCOL_TITLES[protocol]}', '',
-              '| target | method | ' + ' | '.join(METRIC_HEADERS[m] for m in metrics) + ' |',
-              '|---|---|' + '---:|' * len(metrics)]
-    for target in modalities:
-      model = summary['model'][protocol][target]
-      base = summary['baseline'][protocol][target]
-      cell = lambda s, m: (f'{_format(s[m]["mean"], m, protocol)} ± '
-                           f'{_format(s[m]["std"], m, protocol)}' if s[m]['n'] else '–')
-      lines.append(f'| {target} | AE-GAN | ' + ' | '.join(cell(model, m) for m in metrics) + ' |')
-      lines.append(f'| {target} | copy {report["baselines"][target]} | ' +
-                   ' | '.join(cell(base, m) for m in metrics) + ' |')
-      margins = [_format(model[m]['mean'] - base[m]['mean'], m, protocol, signed=True)
-                 for m in metrics]
-      lines.append(f'| {target} | *margin* | ' + ' | '.join(margins) + ' |')
-    lines.append('')
-  return '\n'.join(lines)
-
-
-CSV_FIELDS = ('method', 'protocol', 'target', 'subject', 'num_slices', 'source', 'psnr', 'ssim',
-              'fsim', 'mae', 'ssim_tumour', 'ssim_non_tumour')
-
-
-def write_csv(rows, path) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, CSV_FIELDS, restval='')
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
-
-
-GRID_MIN_TILE = 128  # px
-
-
-def _display(image, low=-1.0, high=1.0):
-  """[H, W] -> uint8, rotated so that the stored [X, Y] slice looks like a radiology view."""
-  scaled = np.clip((np.asarray(image, np.float32) - low) / (high - low), 0, 1)
-  return np.rot90((scaled * 255).astype(np.uint8))
-
-
-def write_grid(target_index, picks, modalities, path) -> None:
-  """Rows: (label, grid material); columns: inputs, synthesis, target, |error| x2."""
-  inputs = [i for i in range(len(modalities)) if i != target_index]
-  titles = [modalities[i] for i in inputs] + ['synthesis', f'real {modalities[target_index]}',
-                                              '|error| x2']
-  tiles = []
-  for _, grid in picks:
-    synth = grid['synthesised'][target_index].astype(np.float32)
-    real = grid['images'][..., target_index].astype(np.float32)
-    # |error| on the [0, 1] scale, doubled so that small errors show.
-    row = [grid['images'][..., i] for i in inputs] + [synth, real]
-    tiles.append([_display(t) for t in row] + [_display(np.abs(synth - real), 0, 1)])
-  # Small images are enlarged (nearest) so that the labels fit.
-  zoom = max(1, math.ceil(GRID_MIN_TILE / tiles[0][0].shape[1]))
-  tiles = [[t.repeat(zoom, 0).repeat(zoom, 1) for t in row] for row in tiles]
-  h, w = tiles[0][0].shape
-  header, label_w = 14, 0
-  canvas = Image.new('L', (w * len(titles), header + (h + header) * len(picks)), 0)
-  draw = ImageDraw.Draw(canvas)
-  for c, title in enumerate(titles):
-    draw.text((c * w + 2, 1), title, fill=255)
-  for r, ((label, _), row) in enumerate(zip(picks, tiles)):
-    top = header + r * (h + header)
-    draw.text((label_w + 2, top + 1), label, fill=255)
-    for c, tile in enumerate(row):
-      canvas.paste(Image.fromarray(np.ascontiguousarray(tile)), (c * w, top + header))
-  canvas.save(path)
-
-
-def pick_subjects(rows, grids, target):
-  """(label, grid) of the best, median and worst subject by model aegan-PSNR."""
-  scored = sorted(((r['psnr'], r['subject']) for r in rows if r['method'] == 'model' and
-                   r['protocol'] == 'aegan' and r['target'] == target), reverse=True)
-  chosen = [('best', scored[0]), ('median', scored[len(scored) // 2]), ('worst', scored[-1])]
-  return [(f'{label}: {subject} ({psnr:.2f} dB)', grids[subject])
-          for label, (psnr, subject) in chosen]
-
-
 # --------------------------------------------------------------------------
 # Entry point.
 
@@ -452,26 +348,13 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   main_process = jax.process_index() == 0
   log = log if main_process else (lambda *a, **k: None)
   start = time.perf_counter()
-  prepared_dir = data.prepared_dir_for(config, workdir)
-  manifest = data.load_manifest(prepared_dir)
+  prepared_dir, manifest, evaluated_split = _prepared_split(config, workdir, split, log)
   modalities = list(manifest['modalities'])
-  if modalities != list(config.data.modalities):
-    raise EvaluationError(f'{prepared_dir} holds {modalities} but the config has '
-                          f'{list(config.data.modalities)}')
-  evaluated_split = resolve_split(prepared_dir, split, log)
-  official_mode = synthesize.official_test_mode(config)
-  if variables is None:
-    synthesizer = synthesize.Synthesizer.restore(workdir, step=step, config=config,
-                                                 batch_size=batch_size,
-                                                 official_test_mode=official_mode)
-  else:
-    generator, _ = models.build_networks(config.model, len(modalities))
-    synthesizer = synthesize.Synthesizer(generator, variables, config, step=step,
-                                         batch_size=batch_size, official_test_mode=official_mode)
+  synthesizer = _synthesizer(config, workdir, step, batch_size, variables, len(modalities))
   step = synthesizer.step
   baselines = choose_baselines(prepared_dir, evaluated_split, len(modalities))
-  num_subjects = manifest['splits'][evaluated_split]['subjects']
-  log(f'evaluate: step {step}, split {evaluated_split} ({num_subjects} subjects, '
+  log(f'evaluate: step {step}, split {evaluated_split} '
+      f'({manifest["splits"][evaluated_split]["subjects"]} subjects, '
       f'{data.num_examples(prepared_dir, evaluated_split)} slices), '
       f'{synthesizer.mesh.devices.size} device(s); baselines: ' +
       ', '.join(f'{t} <- {modalities[b]}' for t, b in zip(modalities, baselines)))
@@ -480,23 +363,10 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / folder)
   if main_process:
     _check_writable(out_dir)  # Before the work, not after it.
-  rows, grids, sources, num_slices = [], {}, set(), 0
-  for i, subject in enumerate(iterate_subjects(prepared_dir, evaluated_split)):
-    tick = time.perf_counter()
-    subject_rows, grids[subject.subject_id], source = evaluate_subject(
-        synthesizer, subject, manifest['subjects'][subject.subject_id], manifest, baselines)
-    rows += subject_rows
-    sources.add(source)
-    num_slices += len(subject.slices)
-    log(f'  [{i + 1}/{num_subjects}] {subject.subject_id}: {len(subject.slices)} slices x '
-        f'{len(modalities)} targets, {time.perf_counter() - tick:.1f} s')
+  rows, grids, sources, num_slices = _evaluate_subjects(
+      synthesizer, prepared_dir, evaluated_split, manifest, baselines, log)
   summary = summarise(rows, modalities)
-  for target in modalities:
-    model, base = summary['model']['aegan'][target], summary['baseline']['aegan'][target]
-    log(f'  target {target}: aegan PSNR {model["psnr"]["mean"]:.2f} dB, '
-        f'SSIM {model["ssim"]["mean"]:.4f} (copy {modalities[baselines[modalities.index(target)]]}:'
-        f' {base["psnr"]["mean"]:.2f} dB, {base["ssim"]["mean"]:.4f}); volume PSNR '
-        f'{summary["model"]["volume"][target]["psnr"]["mean"]:.2f} dB')
+  _log_targets(summary, modalities, baselines, log)
   report = {
       'step': step, 'split': evaluated_split, 'requested_split': split,
       'official_test_mode': synthesizer.official_test_mode,
@@ -509,46 +379,72 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
       'psnr_cap_db': PSNR_CAP,
       'summary': summary, 'scalars': scalars(summary, modalities),
       'seconds': time.perf_counter() - start,
-      'paths': {**{name: str(out_dir / name) for name in ('metrics.json', 'metrics.csv',
-                                                         'metrics.md')},
-                **{f'grid_{t}': str(out_dir / f'grid_{t}.png') for t in modalities}},
+      'paths': _output_paths(out_dir, modalities),
   }
   if main_process:
     try:
-      _write_outputs(report, rows, grids, out_dir)
+      reports.write_outputs(report, rows, grids, out_dir)
     except OSError as e:
       raise EvaluationError(f'{e.filename or out_dir}: cannot write ({e.strerror or e})') from None
   log(f'evaluate: wrote {out_dir} in {report["seconds"]:.1f} s')
   return report
 
 
+def _prepared_split(config, workdir, split, log):
+  """(prepared dir, manifest, split to evaluate) of the run; modalities checked."""
+  prepared_dir = data.prepared_dir_for(config, workdir)
+  manifest = data.load_manifest(prepared_dir)
+  if list(manifest['modalities']) != list(config.data.modalities):
+    raise EvaluationError(f'{prepared_dir} holds {list(manifest["modalities"])} but the config '
+                          f'has {list(config.data.modalities)}')
+  return prepared_dir, manifest, resolve_split(prepared_dir, split, log)
+
+
+def _synthesizer(config, workdir, step, batch_size, variables, num_modalities):
+  """The checkpoint's generator, or `variables` when given (then `step` only labels them)."""
+  official_mode = inference.official_test_mode(config)
+  if variables is None:
+    return inference.Synthesizer.restore(workdir, step=step, config=config,
+                                         batch_size=batch_size, official_test_mode=official_mode)
+  generator, _ = models.build_networks(config.model, num_modalities)
+  return inference.Synthesizer(generator, variables, config, step=step, batch_size=batch_size,
+                               official_test_mode=official_mode)
+
+
+def _output_paths(out_dir, modalities) -> dict[str, str]:
+  return {**{name: str(out_dir / name) for name in ('metrics.json', 'metrics.csv', 'metrics.md')},
+          **{f'grid_{t}': str(out_dir / f'grid_{t}.png') for t in modalities}}
+
+
 def _check_writable(out_dir: pathlib.Path) -> None:
   try:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out_dir):
-      pass
+    reports.ensure_writable(out_dir)
   except OSError as e:
     raise EvaluationError(f'{out_dir}: cannot write the evaluation there '
                           f'({e.strerror or e})') from None
 
 
-def _json_safe(tree):
-  """NaN (no tumour, empty mask) -> null: strict JSON."""
-  if isinstance(tree, dict):
-    return {k: _json_safe(v) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return [_json_safe(v) for v in tree]
-  if isinstance(tree, float) and not math.isfinite(tree):
-    return None
-  return tree
+def _evaluate_subjects(synthesizer, prepared_dir, split, manifest, baselines, log):
+  """Rows of every subject of `split`, its grid material by subject, the volume sources
+  used and the number of slices."""
+  rows, grids, sources, num_slices = [], {}, set(), 0
+  num_subjects = manifest['splits'][split]['subjects']
+  for i, subject in enumerate(iterate_subjects(prepared_dir, split)):
+    tick = time.perf_counter()
+    subject_rows, grids[subject.subject_id], source = evaluate_subject(
+        synthesizer, subject, manifest['subjects'][subject.subject_id], manifest, baselines)
+    rows += subject_rows
+    sources.add(source)
+    num_slices += len(subject.slices)
+    log(f'  [{i + 1}/{num_subjects}] {subject.subject_id}: {len(subject.slices)} slices x '
+        f'{len(manifest["modalities"])} targets, {time.perf_counter() - tick:.1f} s')
+  return rows, grids, sources, num_slices
 
 
-def _write_outputs(report, rows, grids, out_dir) -> None:
-  out_dir.mkdir(parents=True, exist_ok=True)
-  modalities = report['modalities']
-  with open(out_dir / 'metrics.json', 'w') as f:
-    json.dump(_json_safe({**report, 'subjects': rows}), f, indent=1, allow_nan=False)
-  write_csv(rows, out_dir / 'metrics.csv')
-  (out_dir / 'metrics.md').write_text(markdown(report))
-  for t, target in enumerate(modalities):
-    write_grid(t, pick_subjects(rows, grids, target), modalities, out_dir / f'grid_{target}.png')
+def _log_targets(summary, modalities, baselines, log) -> None:
+  for target in modalities:
+    model, base = summary['model']['aegan'][target], summary['baseline']['aegan'][target]
+    log(f'  target {target}: aegan PSNR {model["psnr"]["mean"]:.2f} dB, '
+        f'SSIM {model["ssim"]["mean"]:.4f} (copy {modalities[baselines[modalities.index(target)]]}:'
+        f' {base["psnr"]["mean"]:.2f} dB, {base["ssim"]["mean"]:.4f}); volume PSNR '
+        f'{summary["model"]["volume"][target]["psnr"]["mean"]:.2f} dB')

@@ -1,4 +1,4 @@
-"""Modality conventions shared by the data pipeline, the model and synthesis.
+"""Generator branch order, shared by the data pipeline, the model and synthesis.
 
 AE-GAN (official code) feeds the generator one branch per *input* modality.
 For target modality ``k`` out of ``M``, branch ``i`` (``i = 0 .. M-2``) receives
@@ -6,17 +6,17 @@ modality ``(k + 1 + i) mod M``.  Every branch carries ``1 + M`` channels: the
 image, then ``M`` constant planes holding the one-hot code of the target
 (the "modality mask vector").  Layout here is NHWC, so a generator input has
 ``(M - 1) * (M + 1)`` channels, branch-major.
+
+Modality names and their file names are defined in ``data_prep.layouts``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-BRATS_MODALITIES = ('t1', 't1ce', 't2', 'flair')
-ISLES2015_MODALITIES = ('t1', 't2', 'flair', 'dwi')
 
-
-def branch_modalities(target_index: int, num_modalities: int) -> list[int]:
-  """Modality index fed to each generator branch for one target."""
+def branch_modalities(target_index, num_modalities: int) -> list:
+  """Modality index fed to each generator branch: ints for an int target, arrays
+  of the target's shape for an index array (numpy or jax)."""
   return [(target_index + 1 + i) % num_modalities
           for i in range(num_modalities - 1)]
 
@@ -43,8 +43,7 @@ def assemble_generator_input(images, target_index, xp=np):
   planes = xp.broadcast_to(onehot[..., None, None, :],
                            images.shape[:-1] + (num_modalities,))
   branches = []
-  for i in range(num_modalities - 1):
-    source = (target_index + 1 + i) % num_modalities
+  for source in branch_modalities(target_index, num_modalities):
     image = xp.take_along_axis(
         images, xp.broadcast_to(source[..., None, None, None],
                                 images.shape[:-1] + (1,)), axis=-1)

@@ -32,146 +32,21 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import nibabel as nib
 import numpy as np
 
 from aegan_jax import checkpoints
-from aegan_jax import modalities as modalities_lib
-from aegan_jax import models
+from aegan_jax import inference
 from data_prep import layouts
+from data_prep import nifti
 from data_prep import preprocess
 from data_prep.errors import DataError
 
 INTENSITY_SCALE = 1000.0
-BRASYN_TOKENS = {'t1': 't1n', 't1ce': 't1c', 't2': 't2w', 'flair': 't2f'}
-DEFAULT_BATCH_SIZE = 16
 
 
 class SynthesisError(ValueError):
   """A bad input or request (one-line message)."""
-
-
-# --------------------------------------------------------------------------
-# The generator, restored onto all devices.
-
-
-def make_mesh():
-  return jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-
-
-def abstract_generator_variables(generator, image_size, num_modalities, sharding=None):
-  """Shapes and dtypes of the generator's variables (nothing is allocated)."""
-  channels = modalities_lib.generator_input_channels(num_modalities)
-  shapes = jax.eval_shape(lambda: generator.init(
-      {'params': jax.random.PRNGKey(0)},
-      jnp.zeros((1, image_size, image_size, channels)), train=False))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      shapes)
-
-
-def official_test_mode(config) -> bool:
-  """`config.eval.official_test_mode`; False for configs stored before it existed."""
-  return bool(config.get('eval', {}).get('official_test_mode', False))
-
-
-class Synthesizer:
-  """A generator, jit-compiled, replicated, batch sharded on 'data'.
-
-  Default: eval mode (BatchNorm running statistics, no dropout).  With
-  `official_test_mode`, each slice runs like the official test.py runs it: train
-  mode with a batch of one (BatchNorm statistics of that slice alone) and dropout
-  active, its mask drawn from the slice's position in the call.
-
-  Every call runs fixed-size batches (`batch_size`, a multiple of the device
-  count; the last one zero padded), so it compiles once.
-  """
-
-  def __init__(self, generator, variables, config, *, step=None, batch_size=DEFAULT_BATCH_SIZE,
-               mesh=None, official_test_mode=False):
-    self.generator, self.config, self.step = generator, config, step
-    self.official_test_mode = official_test_mode
-    self.mesh = mesh or make_mesh()
-    devices = self.mesh.devices.size
-    self.batch_size = -(-max(batch_size, 1) // devices) * devices
-    self._replicated = NamedSharding(self.mesh, P())
-    self._batch = NamedSharding(self.mesh, P('data'))
-    self.variables = jax.device_put(variables, self._replicated)
-    self._apply = jax.jit(self._forward, in_shardings=(self._replicated,) + (self._batch,) * 3,
-                          out_shardings=self._batch)
-
-  @classmethod
-  def restore(cls, workdir, *, step=None, config=None, batch_size=DEFAULT_BATCH_SIZE,
-              official_test_mode=False):
-    """The generator of `workdir`'s checkpoint (latest unless `step`), on all devices.
-
-    Without `config`, the one stored in the checkpoint is used.
-    """
-    if config is None:
-      _, config = checkpoints.read_checkpoint_config(workdir, step)
-    num_modalities = len(config.data.modalities)
-    generator, _ = models.build_networks(config.model, num_modalities)
-    mesh = make_mesh()
-    abstract = abstract_generator_variables(generator, config.data.image_size, num_modalities,
-                                            NamedSharding(mesh, P()))
-    step, variables, meta = checkpoints.restore_generator(workdir, abstract, step)
-    checkpoints.check_compatible(meta, config, f'{workdir} step {step}')
-    return cls(generator, variables, config, step=step, batch_size=batch_size, mesh=mesh,
-               official_test_mode=official_test_mode)
-
-  def _forward(self, variables, images, target_index, position):
-    x = modalities_lib.assemble_generator_input(images, target_index, xp=jnp)
-    if not self.official_test_mode:
-      return self.generator.apply(variables, x, train=False)[..., 0].astype(jnp.float32)
-
-    def one_slice(slice_input, index):
-      output, _ = self.generator.apply(
-          variables, slice_input[None], train=True, mutable=['batch_stats'],
-          rngs={'dropout': jax.random.fold_in(jax.random.PRNGKey(0), index)})
-      return output[0, ..., 0].astype(jnp.float32)
-    return jax.vmap(one_slice)(x, position)
-
-  def _put(self, array):
-    # Works on one or many processes, as long as every process passes the same array.
-    return jax.make_array_from_callback(array.shape, self._batch, lambda index: array[index])
-
-  def _get(self, array):
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(array)
-
-  def __call__(self, images, target_index, positions=None) -> np.ndarray:
-    """images [N, H, W, M] normalised (target channel ignored), target_index int or [N].
-
-    `positions` [N] (default 0..N-1) seed the official test mode's dropout masks, so a
-    caller that skips slices can keep the others' masks.  Returns the synthesised target
-    slices [N, H, W], float32 in [-1, 1].
-    """
-    images = np.asarray(images, np.float32)
-    targets = np.broadcast_to(np.asarray(target_index, np.int32), images.shape[:1])
-    positions = np.arange(len(images)) if positions is None else np.asarray(positions)
-    outputs, pads = [], []
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      chunk_targets = targets[start:start + self.batch_size]
-      position = positions[start:start + self.batch_size].astype(np.int32)
-      pad = self.batch_size - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        chunk_targets = np.concatenate([chunk_targets, np.zeros(pad, np.int32)])
-        position = np.concatenate([position, np.zeros(pad, np.int32)])
-      # Dispatch every batch before fetching any: transfers overlap the computation.
-      outputs.append(self._apply(self.variables, self._put(chunk), self._put(chunk_targets),
-                                 self._put(position)))
-      pads.append(pad)
-    if not outputs:
-      return np.zeros((0,) + images.shape[1:3], np.float32)
-    outputs = [self._get(out)[:self.batch_size - pad] for out, pad in zip(outputs, pads)]
-    return np.concatenate(outputs)
 
 
 # --------------------------------------------------------------------------
@@ -202,45 +77,6 @@ def choose_targets(case, modalities, *, target=None, all_targets=False) -> list[
     raise SynthesisError(f'{where}: {len(missing)} modalities are missing ({missing}); '
                          'AE-GAN synthesises one from the others')
   return missing
-
-
-def _load_image(path):
-  try:
-    image = nib.load(path)
-    shape = tuple(int(s) for s in image.shape)
-  except Exception as e:  # nibabel raises many types for corrupt files.
-    raise SynthesisError(f'{path}: not a readable NIfTI file ({type(e).__name__}: {e})') from None
-  if len(shape) == 4 and shape[3] == 1:
-    shape = shape[:3]
-  if len(shape) != 3:
-    raise SynthesisError(f'{path}: expected a 3D volume, got shape {shape}')
-  return image, shape
-
-
-def check_headers(case, inputs) -> tuple[object, tuple]:
-  """Reads the input headers (no voxels); returns (reference image, shape)."""
-  reference = None
-  for modality in inputs:
-    image, shape = _load_image(case.files[modality])
-    if reference is None:
-      reference = image, shape, modality
-      continue
-    if shape != reference[1]:
-      raise SynthesisError(f'{case.files[modality]}: shape {shape} differs from '
-                           f'{reference[2]} {reference[1]}')
-    if np.abs(image.affine - reference[0].affine).max() > 1e-3:
-      raise SynthesisError(f'{case.files[modality]}: affine differs from {reference[2]}')
-  return reference[0], reference[1]
-
-
-def read_volume(path, shape) -> np.ndarray:
-  try:
-    data = np.asarray(nib.load(path).dataobj, np.float32).reshape(shape)
-  except Exception as e:
-    raise SynthesisError(f'{path}: cannot read voxel data ({type(e).__name__}: {e})') from None
-  if not np.isfinite(data).all():
-    raise SynthesisError(f'{path}: contains NaN or infinite values')
-  return data
 
 
 def preprocess_inputs(volumes, modalities, data_config) -> np.ndarray:
@@ -288,9 +124,10 @@ def postprocess(synthesised, brain, data_config, scale=INTENSITY_SCALE) -> np.nd
 def output_path(case, target, out_dir, naming) -> pathlib.Path:
   out_dir = pathlib.Path(out_dir)
   if naming == 'brasyn':
-    if target not in BRASYN_TOKENS:
+    if target not in layouts.BRATS_MODALITIES:
       raise SynthesisError(f'--naming brasyn: no BraSyn name for modality {target!r}')
-    return out_dir / f'{case.subject_id}-{BRASYN_TOKENS[target]}.nii.gz'
+    # BraSyn names the BraTS 2023 way, flat: <case>-<t1n|t1c|t2w|t2f>.nii.gz.
+    return out_dir / layouts.brats_file_name('brats2023', case.subject_id, target)
   name = case.filename_for(target)
   if not name.endswith(('.nii', '.nii.gz')):
     name += '.nii.gz'
@@ -364,7 +201,9 @@ def plan_jobs(cases, data_config, *, target=None, all_targets=False) -> list[Job
                            f'trained on {list(modalities)}')
     targets = choose_targets(case, modalities, target=target, all_targets=all_targets)
     inputs = [m for m in modalities if m in case.files and (all_targets or m not in targets)]
-    reference, shape = check_headers(case, inputs)
+    # Headers only: every case is checked before any voxel is read.
+    reference, shape = nifti.read_headers([(m, case.files[m]) for m in inputs],
+                                          SynthesisError)
     if data_config.geometry == 'pad' and max(shape[:2]) > data_config.image_size:
       raise SynthesisError(f'{case.files[inputs[0]]}: slices of {shape[0]}x{shape[1]} do not fit '
                            f'the model\'s {data_config.image_size} px (pad geometry)')
@@ -380,7 +219,8 @@ class Prepared:
 
 def prepare_case(job: Job, data_config) -> Prepared:
   """Reads and preprocesses a case's inputs once, for all of its targets."""
-  volumes = {m: read_volume(job.case.files[m], job.shape) for m in job.inputs}
+  volumes = {m: nifti.read_voxels(job.case.files[m], job.shape, SynthesisError)
+             for m in job.inputs}
   for modality, volume in volumes.items():
     if not volume.any():
       print(f'warning: {job.case.files[modality]}: every voxel is 0; the synthesis has '
@@ -451,7 +291,7 @@ def parse_args(argv):
   parser.add_argument('--naming', choices=('case', 'brasyn'), default='case')
   parser.add_argument('--overwrite', action='store_true',
                       help='replace synthesized files that already exist in --output')
-  parser.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE)
+  parser.add_argument('--batch-size', type=int, default=inference.DEFAULT_BATCH_SIZE)
   parser.add_argument('--intensity-scale', type=float, default=INTENSITY_SCALE,
                       help='output intensity of a generator output of 1 (default 1000)')
   parser.add_argument('--official-test-mode', action='store_true',
@@ -470,9 +310,9 @@ def run(args) -> list[pathlib.Path]:
   jobs = plan_jobs(cases, config.data, target=args.target,
                    all_targets=args.all_targets)
   check_output_files(jobs, args.output, args.naming, args.overwrite)
-  synthesizer = Synthesizer.restore(args.workdir, step=step, config=config,
-                                    batch_size=args.batch_size,
-                                    official_test_mode=args.official_test_mode)
+  synthesizer = inference.Synthesizer.restore(args.workdir, step=step, config=config,
+                                              batch_size=args.batch_size,
+                                              official_test_mode=args.official_test_mode)
   print(f'synthesize: {len(jobs)} case(s), checkpoint step {synthesizer.step}, '
         f'{synthesizer.mesh.devices.size} device(s)', flush=True)
   paths, seconds = [], []

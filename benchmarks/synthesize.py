@@ -26,6 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from aegan_jax import inference  # noqa: E402
 from aegan_jax import models  # noqa: E402
 from aegan_jax import synthesize  # noqa: E402
 from configs import brats  # noqa: E402
@@ -52,7 +53,7 @@ def parse_args(argv):
 
 def make_synthesizer(args):
   if args.workdir:
-    return synthesize.Synthesizer.restore(args.workdir, batch_size=args.batch_size)
+    return inference.Synthesizer.restore(args.workdir, batch_size=args.batch_size)
   config = brats.get_config()
   config.data.image_size = args.size
   config.model.ngf, config.model.num_blocks = args.ngf, args.num_blocks
@@ -61,7 +62,7 @@ def make_synthesizer(args):
   variables = jax.jit(lambda: generator.init(
       {'params': jax.random.PRNGKey(0)}, np.zeros((1, args.size, args.size, 15)),
       train=False))()
-  return synthesize.Synthesizer(generator, variables, config, batch_size=args.batch_size)
+  return inference.Synthesizer(generator, variables, config, batch_size=args.batch_size)
 
 
 def main(argv=None):

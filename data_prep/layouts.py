@@ -21,37 +21,41 @@ import os
 import pathlib
 import re
 
-from aegan_jax import modalities as modalities_lib
 from data_prep.errors import DataError
 
 BRATS = 'brats'
 ISLES2015 = 'isles2015'
 DATASETS = ('auto', BRATS, ISLES2015)
 
-# File-name token of each canonical modality, per naming generation.
-_OLD_BRATS_TOKENS = {'t1': 't1', 't1ce': 't1ce', 't2': 't2', 'flair': 'flair',
-                     'seg': 'seg'}
-_NEW_BRATS_TOKENS = {'t1': 't1n', 't1ce': 't1c', 't2': 't2w', 'flair': 't2f',
-                     'seg': 'seg'}
-_ISLES_TOKENS = {'t1': 'MR_T1', 't2': 'MR_T2', 'flair': 'MR_Flair',
-                 'dwi': 'MR_DWI', 'seg': 'OT'}
+# Canonical modality names, in channel order (the configs' `data.modalities`).
+BRATS_MODALITIES = ('t1', 't1ce', 't2', 'flair')
+ISLES2015_MODALITIES = ('t1', 't2', 'flair', 'dwi')
+
+# File-name token of each canonical modality, per naming generation: the only
+# definition (phantom writes and synthesis names its outputs with these).
+BRATS_TOKENS = {'t1': 't1', 't1ce': 't1ce', 't2': 't2', 'flair': 'flair',
+                'seg': 'seg'}  # BraTS 2018 to 2021
+BRATS2023_TOKENS = {'t1': 't1n', 't1ce': 't1c', 't2': 't2w', 'flair': 't2f',
+                    'seg': 'seg'}  # BraTS 2023 on, and the BraSyn submissions
+ISLES2015_TOKENS = {'t1': 'MR_T1', 't2': 'MR_T2', 'flair': 'MR_Flair',
+                    'dwi': 'MR_DWI', 'seg': 'OT'}
 
 # Subject-folder name -> layout, for folders whose files are '<dir><sep><tok>'.
 _BRATS_FOLDERS = (
-    ('brats2018', re.compile(r'^Brats18_'), '_', _OLD_BRATS_TOKENS),
-    ('brats2019', re.compile(r'^BraTS19_'), '_', _OLD_BRATS_TOKENS),
-    ('brats2020', re.compile(r'^BraTS20_'), '_', _OLD_BRATS_TOKENS),
-    ('brats2021', re.compile(r'^BraTS2021_'), '_', _OLD_BRATS_TOKENS),
+    ('brats2018', re.compile(r'^Brats18_'), '_', BRATS_TOKENS),
+    ('brats2019', re.compile(r'^BraTS19_'), '_', BRATS_TOKENS),
+    ('brats2020', re.compile(r'^BraTS20_'), '_', BRATS_TOKENS),
+    ('brats2021', re.compile(r'^BraTS2021_'), '_', BRATS_TOKENS),
     ('brats2023', re.compile(r'^BraTS-[A-Za-z]+-\d+-\d+$'), '-',
-     _NEW_BRATS_TOKENS),
-    ('brats', re.compile(r'.'), '_', _OLD_BRATS_TOKENS),
+     BRATS2023_TOKENS),
+    ('brats', re.compile(r'.'), '_', BRATS_TOKENS),
 )
 _LAYOUT_NAMING = {name: (sep, tokens) for name, _, sep, tokens in _BRATS_FOLDERS}
 
 _NIFTI = re.compile(r'^(?P<stem>.+?)(?P<ext>\.nii(?:\.gz)?)$', re.IGNORECASE)
 _ISLES_FILE = re.compile(
-    r'^VSD\.Brain[^.]*\.XX\.O\.(?P<tok>MR_T1|MR_T2|MR_Flair|MR_DWI|OT)\.'
-    r'(?P<id>\d+)(?P<ext>\.nii(?:\.gz)?)$', re.IGNORECASE)
+    r'^VSD\.Brain[^.]*\.XX\.O\.(?P<tok>' + '|'.join(ISLES2015_TOKENS.values()) +
+    r')\.(?P<id>\d+)(?P<ext>\.nii(?:\.gz)?)$', re.IGNORECASE)
 
 
 @dataclasses.dataclass
@@ -81,9 +85,8 @@ class Case:
           self.seg if modality == 'seg' else None)
       if existing is not None:
         return existing.name
-      return f'VSD.Brain.XX.O.{_ISLES_TOKENS[modality]}.{self.subject_id}{self.ext}'
-    sep, tokens = _LAYOUT_NAMING[self.layout]
-    return f'{self.subject_id}{sep}{tokens[modality]}{self.ext}'
+      return f'VSD.Brain.XX.O.{ISLES2015_TOKENS[modality]}.{self.subject_id}{self.ext}'
+    return brats_file_name(self.layout, self.subject_id, modality, self.ext)
 
   def path_for(self, modality: str) -> pathlib.Path:
     """Where ``modality`` is (or would be) in the source tree."""
@@ -97,8 +100,14 @@ class Case:
 
 
 def dataset_modalities(dataset: str) -> tuple[str, ...]:
-  return {BRATS: modalities_lib.BRATS_MODALITIES,
-          ISLES2015: modalities_lib.ISLES2015_MODALITIES}[dataset]
+  return {BRATS: BRATS_MODALITIES, ISLES2015: ISLES2015_MODALITIES}[dataset]
+
+
+def brats_file_name(layout: str, subject_id: str, modality: str,
+                    ext: str = '.nii.gz') -> str:
+  """``<subject><sep><token><ext>``: a file name in a BraTS folder layout."""
+  sep, tokens = _LAYOUT_NAMING[layout]
+  return f'{subject_id}{sep}{tokens[modality]}{ext}'
 
 
 def paths_overlap(a, b) -> bool:
@@ -154,8 +163,8 @@ def _find_modality_first(root: pathlib.Path) -> list[Case]:
 
 
 def _strip_modality_token(stem: str, modality: str) -> str:
-  tokens = {modality, _OLD_BRATS_TOKENS.get(modality, modality),
-            _NEW_BRATS_TOKENS.get(modality, modality)}
+  tokens = {modality, BRATS_TOKENS.get(modality, modality),
+            BRATS2023_TOKENS.get(modality, modality)}
   for token in tokens:
     for sep in ('_', '-', '.'):
       if stem.lower().endswith(sep + token.lower()):
@@ -164,7 +173,7 @@ def _strip_modality_token(stem: str, modality: str) -> str:
 
 
 def _find_isles2015(root: pathlib.Path) -> list[Case]:
-  tokens_to_modality = {v.lower(): k for k, v in _ISLES_TOKENS.items()}
+  tokens_to_modality = {v.lower(): k for k, v in ISLES2015_TOKENS.items()}
   by_subject: dict[pathlib.Path, Case] = {}
   for path in _nifti_files(root):
     match = _ISLES_FILE.match(path.name)

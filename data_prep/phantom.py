@@ -27,12 +27,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-MODALITIES = ('t1', 't1ce', 't2', 'flair')
-LAYOUTS = ('brats2020', 'brats2023')
-FILE_TOKENS = {'brats2020': {'t1': 't1', 't1ce': 't1ce', 't2': 't2',
-                             'flair': 'flair', 'seg': 'seg'},
-               'brats2023': {'t1': 't1n', 't1ce': 't1c', 't2': 't2w',
-                             'flair': 't2f', 'seg': 'seg'}}
+from data_prep import layouts
+
+MODALITIES = layouts.BRATS_MODALITIES  # A BraTS phantom: one CONTRAST row each.
+LAYOUTS = ('brats2020', 'brats2023')  # File names: layouts.brats_file_name.
 ENHANCING_LABEL = {'brats2020': 4, 'brats2023': 3}
 
 # Tissue classes (index into the fraction stack) and their labels.
@@ -277,14 +275,13 @@ def write_subject(out_dir, index: int, seed: int, shape=(240, 240, 155),
   name = subject_id(layout, index)
   folder = pathlib.Path(out_dir) / name
   folder.mkdir(parents=True, exist_ok=True)
-  sep = '_' if layout == 'brats2020' else '-'
-  tokens = FILE_TOKENS[layout]
   seg = np.select([subject['tumour'] == 1, subject['tumour'] == 2,
                    subject['tumour'] == 3],
                   [1, 2, ENHANCING_LABEL[layout]], 0)
-  jobs = [(np.round(subject['volumes'][m]), folder / f'{name}{sep}{tokens[m]}.nii.gz',
-           np.int16) for m in MODALITIES]
-  jobs.append((seg, folder / f'{name}{sep}seg.nii.gz', np.uint8))
+  jobs = [(np.round(subject['volumes'][m]),
+           folder / layouts.brats_file_name(layout, name, m), np.int16)
+          for m in MODALITIES]
+  jobs.append((seg, folder / layouts.brats_file_name(layout, name, 'seg'), np.uint8))
   # gzip releases the GIL: compress the five files side by side.
   with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
     list(pool.map(lambda job: _save(*job), jobs))

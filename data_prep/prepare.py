@@ -28,10 +28,10 @@ import sys
 import tempfile
 import time
 
-import nibabel as nib
 import numpy as np
 
 from data_prep import layouts
+from data_prep import nifti
 from data_prep import preprocess
 from data_prep.errors import DataError
 
@@ -40,7 +40,6 @@ FORMAT_VERSION = 1
 BUILDER_NAME = 'aegan_slices'
 BUILDER_VERSION = '1.0.0'
 SPLITS = ('train', 'val', 'test')
-AFFINE_TOLERANCE = 1e-3
 IMAGE_DTYPE = np.float16
 
 
@@ -62,21 +61,15 @@ def tfds_dir(prepared_dir) -> pathlib.Path:
 # ---------------------------------------------------------------- validation
 
 
-def _one_line(exc: BaseException) -> str:
-  return ' '.join(f'{type(exc).__name__}: {exc}'.split())
-
-
-def _load_header(path: pathlib.Path):
-  try:
-    image = nib.load(path)
-  except Exception as exc:  # nibabel raises many types for corrupt files
-    raise DataError(f'{path}: not a readable NIfTI file ({_one_line(exc)})')
-  shape = tuple(int(s) for s in image.shape)
-  if len(shape) == 4 and shape[3] == 1:
-    shape = shape[:3]
-  if len(shape) != 3:
-    raise DataError(f'{path}: expected a 3D volume, got shape {shape}')
-  return image, shape
+def _named_paths(case: layouts.Case):
+  """(name, path) of every file of the subject, lazily: a missing modality is
+  reported when its turn comes, after any earlier file's problem."""
+  for name in list(case.modalities) + (['seg'] if case.seg is not None else []):
+    path = case.path_for(name)
+    if name != 'seg' and name not in case.files:
+      raise DataError(f'{path}: missing {name} for subject '
+                      f'{case.subject_id}')
+    yield name, path
 
 
 def validate_headers(case: layouts.Case) -> dict:
@@ -84,38 +77,9 @@ def validate_headers(case: layouts.Case) -> dict:
 
   Returns ``{'shape', 'affine'}`` of the subject.
   """
-  reference = None
-  names = list(case.modalities) + (['seg'] if case.seg is not None else [])
-  for modality in names:
-    path = case.path_for(modality)
-    if modality != 'seg' and modality not in case.files:
-      raise DataError(f'{path}: missing {modality} for subject '
-                      f'{case.subject_id}')
-    image, shape = _load_header(path)
-    if reference is None:
-      reference = modality, shape, image.affine
-      continue
-    ref_modality, ref_shape, ref_affine = reference
-    if shape != ref_shape:
-      raise DataError(f'{path}: shape {shape} differs from {ref_modality} '
-                      f'{ref_shape}')
-    difference = float(np.abs(image.affine - ref_affine).max())
-    if difference > AFFINE_TOLERANCE:
-      raise DataError(f'{path}: affine differs from {ref_modality} '
-                      f'(max abs difference {difference:.3g})')
-  return {'shape': list(reference[1]),
-          'affine': np.asarray(reference[2]).round(6).tolist()}
-
-
-def _read_volume(path: pathlib.Path, shape) -> np.ndarray:
-  try:
-    data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-  except Exception as exc:
-    raise DataError(f'{path}: cannot read voxel data ({_one_line(exc)})')
-  data = data.reshape(shape)
-  if not np.isfinite(data).all():
-    raise DataError(f'{path}: contains NaN or infinite values')
-  return data
+  image, shape = nifti.read_headers(_named_paths(case))
+  return {'shape': list(shape),
+          'affine': np.asarray(image.affine).round(6).tolist()}
 
 
 def load_subject(case: layouts.Case, header: dict, options: dict) -> dict:
@@ -125,7 +89,7 @@ def load_subject(case: layouts.Case, header: dict, options: dict) -> dict:
   fill = preprocess.background_value(method)
   normalised, params, brain = [], {}, np.zeros(shape, bool)
   for modality in case.modalities:
-    volume = _read_volume(case.files[modality], shape)
+    volume = nifti.read_voxels(case.files[modality], shape)
     brain |= volume != 0
     normed, params[modality] = preprocess.normalise_volume(volume, method)
     normalised.append(normed)
@@ -143,7 +107,7 @@ def load_subject(case: layouts.Case, header: dict, options: dict) -> dict:
   size = options['image_size']
   seg = np.zeros((len(indices), size, size), np.uint8)
   if case.seg is not None:
-    labels = np.rint(_read_volume(case.seg, shape)).astype(np.uint8)
+    labels = nifti.read_labels(case.seg, shape)
     seg = preprocess.volume_to_slices(labels, indices, options['geometry'],
                                       size, labels=True).astype(np.uint8)
   return {'images': images, 'seg': seg, 'slices': indices,

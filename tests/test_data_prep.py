@@ -2,6 +2,7 @@
 import gzip
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from data_prep import layouts
+from data_prep import nifti
 from data_prep import phantom
 from data_prep import prepare
 from data_prep import preprocess
@@ -358,3 +360,35 @@ def test_symlinked_case_folders_are_found(tmp_path):
   (links / 'loop').symlink_to(links, target_is_directory=True)
   assert [c.subject_id for c in layouts.find_cases(links)] == sorted(
       p.name for p in src.iterdir())
+
+
+def test_nifti_reader_raises_the_callers_error_type(tmp_path):
+  class CallerError(ValueError):
+    pass
+  path = _write(tmp_path / 'a.nii.gz')
+  image, shape = nifti.load_header(path)
+  assert shape == SHAPE
+  np.testing.assert_array_equal(nifti.read_voxels(path, shape), _volume(hash('a.nii.gz') % 1000))
+  _corrupt(path)
+  with pytest.raises(CallerError, match=f'^{re.escape(str(path))}: not a readable NIfTI file'):
+    nifti.load_header(path, CallerError)
+  with pytest.raises(DataError, match=f'^{re.escape(str(path))}: cannot read voxel data'):
+    nifti.read_voxels(path, SHAPE)
+
+
+def test_data_prep_imports_nothing_from_aegan_jax():
+  # aegan_jax builds on data_prep (layouts, nifti, preprocess, prepare); the reverse
+  # would be an import cycle between the two packages.
+  code = ('import sys, data_prep.__main__, data_prep.layouts, data_prep.nifti, '
+          'data_prep.phantom, data_prep.prepare, data_prep.preprocess; '
+          'print(sorted(m for m in sys.modules if m.startswith("aegan_jax")))')
+  run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       timeout=60, cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert run.returncode == 0 and run.stdout.strip() == '[]', run.stderr
+
+
+def test_brats_file_names_come_from_one_token_table():
+  assert layouts.brats_file_name('brats2023', 'BraTS-GLI-00000-000', 'flair') == \
+      'BraTS-GLI-00000-000-t2f.nii.gz'
+  assert layouts.brats_file_name('brats2020', 'BraTS20_Training_001', 't1ce', '.nii') == \
+      'BraTS20_Training_001_t1ce.nii'

@@ -10,6 +10,7 @@ from PIL import Image
 
 from aegan_jax import checkpoints
 from aegan_jax import evaluate
+from aegan_jax import inference
 from aegan_jax import models
 from configs import brats
 from data_prep import phantom
@@ -143,11 +144,10 @@ def test_without_source_files_and_with_an_empty_split(dataset, tmp_path):
 def test_restore_on_a_different_device_count_matches(dataset, report):
   # The checkpoint was written from host arrays; restoring onto a one-device mesh
   # (instead of the 4 test devices) gives the same synthesis.
-  from aegan_jax import synthesize  # pylint: disable=g-import-not-at-top
   config = tiny_config(dataset / 'prepared')
-  four = synthesize.Synthesizer.restore(dataset / 'work', config=config, batch_size=4)
+  four = inference.Synthesizer.restore(dataset / 'work', config=config, batch_size=4)
   one_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  one = synthesize.Synthesizer(four.generator, jax.device_get(four.variables), config,
-                               batch_size=4, mesh=one_mesh)
+  one = inference.Synthesizer(four.generator, jax.device_get(four.variables), config,
+                              batch_size=4, mesh=one_mesh)
   images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 4)).astype(np.float32)
   np.testing.assert_allclose(one(images, 2), four(images, 2), atol=1e-5)

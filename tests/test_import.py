@@ -5,7 +5,7 @@ import pytest
 
 from aegan_jax import checkpoints
 from aegan_jax import official
-from aegan_jax import synthesize
+from aegan_jax import inference
 
 CONFIG = 'configs/brats.py'
 
@@ -38,7 +38,7 @@ def test_imported_generator_reproduces_the_official_output(parity_fixture_path, 
   step, config = checkpoints.read_checkpoint_config(imported)
   assert step == 0 and config.model.ngf == 8 and config.model.num_blocks == 6
   assert config.model.use_dropout and config.model.norm == 'batch'
-  synthesizer = synthesize.Synthesizer.restore(imported, batch_size=2)
+  synthesizer = inference.Synthesizer.restore(imported, batch_size=2)
   targets = np.asarray(fixture['target_index']).reshape(-1)
   images = images_from_generator_input(nhwc(fixture['input_A']), targets)
   out = synthesizer(images, targets)
@@ -143,10 +143,10 @@ def test_random_bytes_are_not_a_weights_file(tmp_path, capsys):
 
 def test_non_finite_weights_in_a_checkpoint_stop_synthesis(imported, tmp_path):
   _, config = checkpoints.read_checkpoint_config(imported)
-  variables = synthesize.Synthesizer.restore(imported, batch_size=1).variables
+  variables = inference.Synthesizer.restore(imported, batch_size=1).variables
   variables = jax.tree.map(np.array, jax.device_get(variables))
   variables['params']['output']['conv']['bias'][0] = np.inf
   checkpoints.save_networks(tmp_path / 'nan', 0, config, variables)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"\['output'\]\['conv'\]\['bias'\] holds NaN or Inf"):
-    synthesize.Synthesizer.restore(tmp_path / 'nan', batch_size=1)
+    inference.Synthesizer.restore(tmp_path / 'nan', batch_size=1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from aegan_jax import checkpoints
+from aegan_jax import inference
 from aegan_jax import models
 from aegan_jax import synthesize
 from configs import brats
@@ -162,7 +163,7 @@ def test_synthesizer_pads_batches_and_matches_direct_apply():
   generator, _ = models.build_networks(config.model, 4)
   variables = generator.init({'params': jax.random.PRNGKey(1)}, np.zeros((1, 32, 32, 15)),
                              train=False)
-  synth = synthesize.Synthesizer(generator, variables, config, batch_size=3)
+  synth = inference.Synthesizer(generator, variables, config, batch_size=3)
   assert synth.batch_size % jax.device_count() == 0
   images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 4)).astype(np.float32)
   targets = np.array([0, 1, 2, 3, 1])
@@ -178,8 +179,8 @@ def official_mode_synthesizer(norm, use_dropout):
   generator, _ = models.build_networks(config.model, 4)
   variables = generator.init({'params': jax.random.PRNGKey(1)}, np.zeros((1, 32, 32, 15)),
                              train=False)
-  return lambda official: synthesize.Synthesizer(generator, variables, config, batch_size=4,
-                                                 official_test_mode=official)
+  return lambda official: inference.Synthesizer(generator, variables, config, batch_size=4,
+                                                official_test_mode=official)
 
 
 def test_official_test_mode_normalises_each_slice_alone_with_dropout():
@@ -252,8 +253,8 @@ def test_all_zero_input_is_warned_about(workdir, raw, tmp_path, capsys):
 
 @pytest.mark.parametrize('official_mode', [False, True])
 def test_slices_without_brain_skip_the_generator_and_change_nothing(workdir, official_mode):
-  synthesizer = synthesize.Synthesizer.restore(workdir, batch_size=4,
-                                               official_test_mode=official_mode)
+  synthesizer = inference.Synthesizer.restore(workdir, batch_size=4,
+                                              official_test_mode=official_mode)
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (6, 32, 32, 4)).astype(np.float32)
   brain = np.zeros((20, 20, 6), bool)

@@ -1,0 +1,129 @@
+"""The inference engine: a restored generator run in batches sharded over all devices.
+
+Evaluation (`evaluate`) and NIfTI synthesis (`synthesize`) both run the
+generator through `Synthesizer`.  The mesh and shardings are `parallel`'s, so
+inference lays out arrays the way training does: variables replicated,
+batches sharded on 'data'.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aegan_jax import checkpoints
+from aegan_jax import modalities as modalities_lib
+from aegan_jax import models
+from aegan_jax import parallel
+
+DEFAULT_BATCH_SIZE = 16
+
+
+def abstract_generator_variables(generator, image_size, num_modalities, sharding=None):
+  """Shapes and dtypes of the generator's variables (nothing is allocated)."""
+  channels = modalities_lib.generator_input_channels(num_modalities)
+  shapes = jax.eval_shape(lambda: generator.init(
+      {'params': jax.random.PRNGKey(0)},
+      jnp.zeros((1, image_size, image_size, channels)), train=False))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      shapes)
+
+
+def official_test_mode(config) -> bool:
+  """`config.eval.official_test_mode`; False for configs stored before it existed."""
+  return bool(config.get('eval', {}).get('official_test_mode', False))
+
+
+class Synthesizer:
+  """A generator, jit-compiled, replicated, batch sharded on 'data'.
+
+  Default: eval mode (BatchNorm running statistics, no dropout).  With
+  `official_test_mode`, each slice runs like the official test.py runs it: train
+  mode with a batch of one (BatchNorm statistics of that slice alone) and dropout
+  active, its mask drawn from the slice's position in the call.
+
+  Every call runs fixed-size batches (`batch_size`, a multiple of the device
+  count; the last one zero padded), so it compiles once.
+  """
+
+  def __init__(self, generator, variables, config, *, step=None, batch_size=DEFAULT_BATCH_SIZE,
+               mesh=None, official_test_mode=False):
+    self.generator, self.config, self.step = generator, config, step
+    self.official_test_mode = official_test_mode
+    self.mesh = mesh or parallel.make_mesh()
+    devices = self.mesh.devices.size
+    self.batch_size = -(-max(batch_size, 1) // devices) * devices
+    replicated, self._batch = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
+    self.variables = parallel.replicate(variables, self.mesh)
+    self._apply = jax.jit(self._forward, in_shardings=(replicated,) + (self._batch,) * 3,
+                          out_shardings=self._batch)
+
+  @classmethod
+  def restore(cls, workdir, *, step=None, config=None, batch_size=DEFAULT_BATCH_SIZE,
+              official_test_mode=False):
+    """The generator of `workdir`'s checkpoint (latest unless `step`), on all devices.
+
+    Without `config`, the one stored in the checkpoint is used.
+    """
+    if config is None:
+      _, config = checkpoints.read_checkpoint_config(workdir, step)
+    num_modalities = len(config.data.modalities)
+    generator, _ = models.build_networks(config.model, num_modalities)
+    mesh = parallel.make_mesh()
+    abstract = abstract_generator_variables(generator, config.data.image_size, num_modalities,
+                                            parallel.replicated(mesh))
+    step, variables, meta = checkpoints.restore_generator(workdir, abstract, step)
+    checkpoints.check_compatible(meta, config, f'{workdir} step {step}')
+    return cls(generator, variables, config, step=step, batch_size=batch_size, mesh=mesh,
+               official_test_mode=official_test_mode)
+
+  def _forward(self, variables, images, target_index, position):
+    x = modalities_lib.assemble_generator_input(images, target_index, xp=jnp)
+    if not self.official_test_mode:
+      return self.generator.apply(variables, x, train=False)[..., 0].astype(jnp.float32)
+
+    def one_slice(slice_input, index):
+      output, _ = self.generator.apply(
+          variables, slice_input[None], train=True, mutable=['batch_stats'],
+          rngs={'dropout': jax.random.fold_in(jax.random.PRNGKey(0), index)})
+      return output[0, ..., 0].astype(jnp.float32)
+    return jax.vmap(one_slice)(x, position)
+
+  def _put(self, array):
+    # Works on one or many processes, as long as every process passes the same array.
+    return jax.make_array_from_callback(array.shape, self._batch, lambda index: array[index])
+
+  def _get(self, array):
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+  def __call__(self, images, target_index, positions=None) -> np.ndarray:
+    """images [N, H, W, M] normalised (target channel ignored), target_index int or [N].
+
+    `positions` [N] (default 0..N-1) seed the official test mode's dropout masks, so a
+    caller that skips slices can keep the others' masks.  Returns the synthesised target
+    slices [N, H, W], float32 in [-1, 1].
+    """
+    images = np.asarray(images, np.float32)
+    targets = np.broadcast_to(np.asarray(target_index, np.int32), images.shape[:1])
+    positions = np.arange(len(images)) if positions is None else np.asarray(positions)
+    outputs, pads = [], []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      chunk_targets = targets[start:start + self.batch_size]
+      position = positions[start:start + self.batch_size].astype(np.int32)
+      pad = self.batch_size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        chunk_targets = np.concatenate([chunk_targets, np.zeros(pad, np.int32)])
+        position = np.concatenate([position, np.zeros(pad, np.int32)])
+      # Dispatch every batch before fetching any: transfers overlap the computation.
+      outputs.append(self._apply(self.variables, self._put(chunk), self._put(chunk_targets),
+                                 self._put(position)))
+      pads.append(pad)
+    if not outputs:
+      return np.zeros((0,) + images.shape[1:3], np.float32)
+    outputs = [self._get(out)[:self.batch_size - pad] for out, pad in zip(outputs, pads)]
+    return np.concatenate(outputs)

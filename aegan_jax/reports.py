@@ -1,0 +1,156 @@
+"""Evaluation reports: metrics.json, metrics.csv, metrics.md and grid_<target>.png.
+
+Everything is formatted from the report `evaluate.evaluate` builds (its
+`protocols` entry names each protocol's metrics and definition), so this module
+needs nothing from `evaluate`.  Pictures use the training samples' helpers
+(`samples.to_uint8`, `samples.grid_image`).  `ensure_writable` is the output
+folder probe, also used for the trainer's workdir.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+import tempfile
+
+import numpy as np
+
+from aegan_jax import samples
+
+METRIC_HEADERS = {'psnr': 'PSNR (dB) ↑', 'ssim': 'SSIM ↑', 'fsim': 'FSIM ↑', 'mae': 'MAE ↓',
+                  'ssim_tumour': 'SSIM tumour ↑', 'ssim_non_tumour': 'SSIM non-tumour ↑'}
+CSV_FIELDS = ('method', 'protocol', 'target', 'subject', 'num_slices', 'source', 'psnr', 'ssim',
+              'fsim', 'mae', 'ssim_tumour', 'ssim_non_tumour')
+GRID_MIN_TILE = 128  # px
+
+
+def ensure_writable(folder) -> None:
+  """Creates `folder` and writes a probe file in it; OSError when either fails.
+
+  Callers probe before long work, so that a bad output folder fails at once.
+  """
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryFile(dir=folder):  # A unique name: every host probes at once.
+    pass
+
+
+def write_outputs(report, rows, grids, out_dir: pathlib.Path) -> None:
+  """The four kinds of files of `<workdir>/eval/<step>/` (see docs/evaluation.md)."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  modalities = report['modalities']
+  with open(out_dir / 'metrics.json', 'w') as f:
+    json.dump(_json_safe({**report, 'subjects': rows}), f, indent=1, allow_nan=False)
+  write_csv(rows, out_dir / 'metrics.csv')
+  (out_dir / 'metrics.md').write_text(markdown(report))
+  for t, target in enumerate(modalities):
+    write_grid(t, pick_subjects(rows, grids, target), modalities, out_dir / f'grid_{target}.png')
+
+
+def _json_safe(tree):
+  """NaN (no tumour, empty mask) -> null: strict JSON."""
+  if isinstance(tree, dict):
+    return {k: _json_safe(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_json_safe(v) for v in tree]
+  if isinstance(tree, float) and not math.isfinite(tree):
+    return None
+  return tree
+
+
+def write_csv(rows, path) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, CSV_FIELDS, restval='')
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# --------------------------------------------------------------------------
+# metrics.md
+
+
+def _format(value, metric, protocol, signed=False):
+  if not np.isfinite(value):
+    return '–'
+  digits = 2 if metric == 'psnr' or (metric == 'mae' and protocol == 'volume') else 4
+  return f'{value:+.{digits}f}' if signed else f'{value:.{digits}f}'
+
+
+def markdown(report) -> str:
+  lines = [f'# Evaluation: step {report["step"]}, split {report["split"]}', '',
+           f'{report["num_subjects"]} subjects, {report["num_slices"]} slices; '
+           f'workdir `{report["workdir"]}`; real volumes from {report["volume_reference"]}. '
+           'Mean ± std over subjects. Baseline: the named input modality copied as '
+           'the synthesis (the best one per target by mean aegan-PSNR on this split); '
+           '*margin* = AE-GAN − baseline. Generator run ' +
+           ('as the official test.py runs it (each slice alone in train mode, dropout on).'
+            if report.get('official_test_mode') else
+            'in eval mode (BatchNorm running statistics, no dropout).'), '']
+  for protocol, spec in report['protocols'].items():
+    lines += _protocol_table(report, protocol, spec['definition'], spec['metrics'])
+  return '\n'.join(lines)
+
+
+def _protocol_table(report, protocol, title, names) -> list[str]:
+  """One protocol's section: per target, AE-GAN, the copy baseline and the margin."""
+  summary = report['summary']
+
+  def cell(stats, name):
+    if not stats[name]['n']:
+      return '–'
+    return (f'{_format(stats[name]["mean"], name, protocol)} ± '
+            f'{_format(stats[name]["std"], name, protocol)}')
+
+  lines = [f'## {title}', '',
+           '| target | method | ' + ' | '.join(METRIC_HEADERS[m] for m in names) + ' |',
+           '|---|---|' + '---:|' * len(names)]
+  for target in report['modalities']:
+    model = summary['model'][protocol][target]
+    base = summary['baseline'][protocol][target]
+    lines.append(f'| {target} | AE-GAN | ' + ' | '.join(cell(model, m) for m in names) + ' |')
+    lines.append(f'| {target} | copy {report["baselines"][target]} | ' +
+                 ' | '.join(cell(base, m) for m in names) + ' |')
+    margins = [_format(model[m]['mean'] - base[m]['mean'], m, protocol, signed=True)
+               for m in names]
+    lines.append(f'| {target} | *margin* | ' + ' | '.join(margins) + ' |')
+  lines.append('')
+  return lines
+
+
+# --------------------------------------------------------------------------
+# grid_<target>.png
+
+
+def pick_subjects(rows, grids, target):
+  """(label, grid) of the best, median and worst subject by model aegan-PSNR."""
+  scored = sorted(((r['psnr'], r['subject']) for r in rows if r['method'] == 'model' and
+                   r['protocol'] == 'aegan' and r['target'] == target), reverse=True)
+  chosen = [('best', scored[0]), ('median', scored[len(scored) // 2]), ('worst', scored[-1])]
+  return [(f'{label}: {subject} ({psnr:.2f} dB)', grids[subject])
+          for label, (psnr, subject) in chosen]
+
+
+def _display(image, low=-1.0, high=1.0):
+  """[H, W] -> uint8, rotated so that the stored [X, Y] slice looks like a radiology view."""
+  return np.ascontiguousarray(np.rot90(samples.to_uint8(image, low, high)))
+
+
+def write_grid(target_index, picks, modalities, path) -> None:
+  """Rows: (label, grid material); columns: inputs, synthesis, target, |error| x2."""
+  inputs = [i for i in range(len(modalities)) if i != target_index]
+  titles = [modalities[i] for i in inputs] + ['synthesis', f'real {modalities[target_index]}',
+                                              '|error| x2']
+  rows = []
+  for _, grid in picks:
+    synth = grid['synthesised'][target_index].astype(np.float32)
+    real = grid['images'][..., target_index].astype(np.float32)
+    # |error| on the [0, 1] scale, doubled so that small errors show.
+    tiles = [grid['images'][..., i] for i in inputs] + [synth, real]
+    rows.append([_display(t) for t in tiles] + [_display(np.abs(synth - real), 0, 1)])
+  # Small images are enlarged (nearest) so that the labels fit.
+  zoom = max(1, math.ceil(GRID_MIN_TILE / rows[0][0].shape[1]))
+  rows = [[t.repeat(zoom, 0).repeat(zoom, 1) for t in row] for row in rows]
+  samples.grid_image(rows, titles, [label for label, _ in picks], tile_gap=0,
+                     row_labels_above=True).save(path)
