@@ -31,8 +31,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-  from aegan_jax import launcher  # After flag parsing: jax must not start before this point.
-  return launcher.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, step=FLAGS.step,
+  from aegan_jax import cli  # After flag parsing: jax must not start before this point.
+  return cli.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, step=FLAGS.step,
                       coordinator_address=FLAGS.coordinator_address,
                       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 

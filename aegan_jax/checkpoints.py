@@ -27,8 +27,8 @@ import orbax.checkpoint as ocp
 from aegan_jax import train
 
 # Config fields a checkpoint cannot change: they fix the parameter shapes or the data.
-ARCHITECTURE_FIELDS = ('model.ngf', 'model.num_blocks', 'model.norm', 'model.use_dropout',
-                       'data.image_size', 'data.modalities')
+ARCHITECTURE_FIELDS = ('model.generator', 'model.ngf', 'model.num_blocks', 'model.norm',
+                       'model.use_dropout', 'data.image_size', 'data.modalities')
 
 
 class CheckpointError(ValueError):
@@ -134,7 +134,8 @@ def restore_train_state(manager, step: int, template: train.TrainState,
 
 
 def _open_step(workdir, step: int | None):
-  """(manager that creates nothing, step): the latest step unless given; one-line errors otherwise."""
+  """(manager that creates nothing, step): the latest step unless given; one-line errors
+  otherwise."""
   if not checkpoint_dir(workdir).is_dir():
     raise CheckpointError(f'{checkpoint_dir(workdir)}: no checkpoints (train first, or import '
                           'official weights with python -m aegan_jax.official import)')

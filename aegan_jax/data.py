@@ -1,17 +1,15 @@
 """Grain input pipeline over slices prepared by ``python -m data_prep``.
 
 Training examples (NHWC, float32) carry every modality of a slice plus one
-sampled missing-modality scenario:
+sampled missing-modality scenario, exactly what `train.train_step` consumes
+(it builds the generator input and the target on device,
+``models.generator_batch``):
 
   images           [H, W, M]            all modalities
+  available        bool [M]             the inputs of the scenario
   target_index     int32 scalar         the held-out modality
-  target           [H, W, 1]            its image
-  example_id       int64 scalar         record position in its split
-
-and, unless ``with_generator_input=False`` (what training uses: the device
-assembles it from ``images`` and ``target_index`` in ``parallel.model_batch``):
-
-  generator_input  [H, W, (M-1)*(M+1)]  ``modalities.assemble_generator_input``
+  example_id       int64 scalar         record position in its split (bookkeeping;
+                                        the step does not read it)
 
 Randomness (shuffle, scenario, augmentation) is a function of the seed and the
 record index only, so runs replay exactly and iterator checkpoints restore.
@@ -28,7 +26,6 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
-from aegan_jax import modalities as modalities_lib
 from data_prep import prepare
 from data_prep.errors import DataError
 
@@ -118,22 +115,69 @@ class Augment(grain.transforms.RandomMap):
     return {**element, 'images': np.ascontiguousarray(images)}
 
 
-class SampleScenario(grain.transforms.RandomMap):
-  """Draws the missing (target) modality uniformly from ``targets``."""
+SCENARIOS = ('single', 'any', 'curriculum')
 
-  def __init__(self, targets: Sequence[int], with_generator_input: bool = True):
+
+def scenario_pairs(targets, num_modalities: int) -> list[tuple[int, np.ndarray]]:
+  """Every (target, availability [M] bool) pair: each target with each non-empty set of
+  the other modalities."""
+  pairs = []
+  for target in targets:
+    others = np.delete(np.arange(num_modalities), target)
+    for code in range(1, 2 ** (num_modalities - 1)):
+      available = np.zeros(num_modalities, bool)
+      available[others] = (code >> np.arange(num_modalities - 1)) & 1
+      pairs.append((int(target), available))
+  return pairs
+
+
+class SampleScenario(grain.transforms.RandomMap):
+  """Draws a scenario per example: a target from ``targets`` and the available inputs.
+
+  'single' (the paper's): the target uniformly, every other modality available.
+  'any': uniformly over every (non-empty set of the other modalities, target) pair.
+  """
+
+  def __init__(self, targets: Sequence[int], num_modalities: int, scenarios: str = 'single'):
     self.targets = np.asarray(targets, np.int32)
-    self.with_generator_input = with_generator_input
+    self.num_modalities, self.scenarios = num_modalities, scenarios
+    self.pairs = scenario_pairs(self.targets, num_modalities)
 
   def random_map(self, element, rng: np.random.Generator):
-    images = element['images']
-    target = self.targets[rng.integers(len(self.targets))]
-    example = {**element, 'target': images[..., target:target + 1],
-               'target_index': np.int32(target)}
-    if self.with_generator_input:
-      example['generator_input'] = modalities_lib.assemble_generator_input(
-          images, target).astype(np.float32)
-    return example
+    if self.scenarios == 'single':
+      target = self.targets[rng.integers(len(self.targets))]
+      available = np.arange(self.num_modalities) != target
+    else:
+      target, available = self.pairs[rng.integers(len(self.pairs))]
+    return {**element, 'target_index': np.int32(target), 'available': available}
+
+
+class CurriculumScenario:
+  """'curriculum' (MM-GAN's order): the first `stage_examples` examples of the stream
+  have every other modality as input; each further stage also allows one input fewer,
+  until any non-empty set.  Within a stage, uniform over the allowed (set, target) pairs.
+
+  A Grain operation over records, because the stage depends on the example's position
+  in the global stream (`metadata.index`), which map transforms do not see.  The draw
+  is a function of (seed, position): resumes and any process count replay it.
+  """
+
+  def __init__(self, targets, num_modalities: int, seed: int, stage_examples: int):
+    if stage_examples <= 0:
+      raise ValueError(f'config.data.curriculum_stage_examples={stage_examples} must be '
+                       'positive')
+    self.pairs = scenario_pairs(targets, num_modalities)
+    self.num_modalities, self.seed, self.stage_examples = num_modalities, seed, stage_examples
+
+  def __call__(self, records):
+    for record in records:
+      position = record.metadata.index
+      fewest = max(1, self.num_modalities - 1 - position // self.stage_examples)
+      allowed = [pair for pair in self.pairs if pair[1].sum() >= fewest]
+      rng = np.random.default_rng([self.seed, position])
+      target, available = allowed[rng.integers(len(allowed))]
+      yield grain.Record(record.metadata, {**record.data, 'target_index': np.int32(target),
+                                           'available': available})
 
 
 def _process(process_index, process_count):
@@ -147,16 +191,12 @@ def _process(process_index, process_count):
 def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
                 split: str = 'train', targets: Sequence[int] | None = None,
                 flip: bool = False, random_crop: bool = False,
-                crop_padding: int | None = None, shuffle: bool = True,
-                with_generator_input: bool = True,
+                crop_padding: int | None = None, scenarios: str = 'single',
+                curriculum_stage_examples: int = 20000, shuffle: bool = True,
                 num_epochs: int | None = None, drop_remainder: bool = True,
                 worker_count: int = 0, process_index: int | None = None,
                 process_count: int | None = None) -> grain.DataLoader:
   """Batched loader for this process's shard of ``split``.
-
-  ``with_generator_input=False`` leaves out 'generator_input' (15 of the 20
-  channels per example); the step can build it on device with
-  ``assemble_generator_input(images, target_index, xp=jnp)``.
 
   Each process gets ``global_batch_size // process_count`` examples per batch
   from a disjoint shard of the records.  Grain's IndexSampler makes all
@@ -165,8 +205,8 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
   """
   manifest = load_manifest(prepared_dir)
   num_modalities = len(manifest['modalities'])
-  targets = tuple(range(num_modalities)) if targets is None else tuple(targets)
-  if not targets or any(not 0 <= t < num_modalities for t in targets):
+  targets = tuple(targets or range(num_modalities))
+  if any(not 0 <= t < num_modalities for t in targets):
     raise ValueError(f'targets {targets} must index {manifest["modalities"]}')
   process_index, process_count = _process(process_index, process_count)
   if global_batch_size % process_count:
@@ -185,7 +225,11 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
                else crop_padding)
     operations.append(Augment(flip, random_crop, padding,
                               manifest['background_value']))
-  operations += [SampleScenario(targets, with_generator_input),
+  if scenarios not in SCENARIOS:
+    raise ValueError(f'config.data.scenarios={scenarios!r} must be one of {SCENARIOS}')
+  operations += [CurriculumScenario(targets, num_modalities, seed, curriculum_stage_examples)
+                 if scenarios == 'curriculum' else
+                 SampleScenario(targets, num_modalities, scenarios),
                  grain.transforms.Batch(global_batch_size // process_count,
                                         drop_remainder=drop_remainder)]
   if worker_count > 0:
@@ -202,23 +246,14 @@ def _ensure_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def make_train_loader(prepared_dir, *, global_batch_size: int, seed: int,
-                      targets: Sequence[int] | None = None, flip: bool = False,
-                      random_crop: bool = False, worker_count: int = 0,
-                      process_index: int | None = None,
-                      process_count: int | None = None,
-                      split: str = 'train',
-                      with_generator_input: bool = True) -> grain.DataLoader:
-  """Endless, globally shuffled training batches for this process.
+def make_train_loader(prepared_dir, **options) -> grain.DataLoader:
+  """Endless, globally shuffled training batches for this process: ``make_loader``
+  with shuffling on, no epoch limit and whole batches.
 
   ``iter(loader)`` has ``get_state()`` / ``set_state()`` for checkpointing.
   """
-  return make_loader(
-      prepared_dir, global_batch_size=global_batch_size, seed=seed,
-      split=split, targets=targets, flip=flip, random_crop=random_crop,
-      shuffle=True, num_epochs=None, drop_remainder=True,
-      with_generator_input=with_generator_input, worker_count=worker_count,
-      process_index=process_index, process_count=process_count)
+  return make_loader(prepared_dir, shuffle=True, num_epochs=None, drop_remainder=True,
+                     **options)
 
 
 def iterate_split(prepared_dir, split: str = 'test', *,

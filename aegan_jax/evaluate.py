@@ -110,15 +110,31 @@ def copy_psnr(images) -> np.ndarray:
     return np.minimum(10 * np.log10(1 / mse), PSNR_CAP).mean(axis=0)
 
 
-def choose_baselines(prepared_dir, split, num_modalities) -> list[int]:
-  """Per target, the input with the highest mean (over subjects) aegan-PSNR."""
+def copy_scores(prepared_dir, split, num_modalities) -> np.ndarray:
+  """[M, M] mean over subjects of the aegan-PSNR of input j copied as target t ([t, j])."""
   total, count = np.zeros((num_modalities, num_modalities)), 0
   for subject in iterate_subjects(prepared_dir, split):
     total += copy_psnr(subject.images)
     count += 1
   scores = total / max(count, 1)
   np.fill_diagonal(scores, -np.inf)
-  return [int(i) for i in np.argmax(scores, axis=1)]
+  return scores
+
+
+def best_input(scores, target: int, available) -> int:
+  """The available input whose copy scores best for `target`."""
+  available = list(available)
+  return available[int(np.argmax(scores[target, available]))]
+
+
+def scenario_cells(num_modalities: int, any_set: bool) -> list[tuple[tuple[int, ...], int]]:
+  """(available inputs, target) pairs to evaluate: every other modality in (the paper's
+  scenario), or with an any-set generator every non-empty set of them, largest first."""
+  cells = []
+  for size in range(num_modalities - 1, 0 if any_set else num_modalities - 2, -1):
+    for available in itertools.combinations(range(num_modalities), size):
+      cells += [(available, t) for t in range(num_modalities) if t not in available]
+  return cells if any_set else sorted(cells, key=lambda cell: cell[1])
 
 
 # --------------------------------------------------------------------------
@@ -258,37 +274,64 @@ def synthesised_volume(slices, entry, manifest, target, brain) -> np.ndarray:
 # One subject.
 
 
-def evaluate_subject(synthesizer, subject, entry, manifest, baselines):
-  """Rows (method, protocol, target, subject, metrics) and grid material of one subject."""
+def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
+  """Rows (method, protocol, target, subject, metrics) of every (available, target) cell
+  and grid material of one subject."""
   modalities = manifest['modalities']
   volumes = subject_volumes(subject, entry, manifest)
-  rows, synthesised = [], []
-  for t, target in enumerate(modalities):
-    synth = synthesizer(subject.images, t)
-    synthesised.append(synth)
-    real_slices = subject.images[..., t]
-    for method, slices in (('model', synth), ('baseline', subject.images[..., baselines[t]])):
-      aegan = slice_metrics(slices, real_slices, synthesizer.batch_size)
-      volume = synthesised_volume(slices, entry, manifest, target, volumes.brain)
-      results = {
-          'aegan': {m: float(np.mean(v)) for m, v in aegan.items()},
-          'volume': volume_metrics(volume, volumes.real[t], volumes.brain),
-          'brasyn': brasyn_metrics(volume, volumes.real[t], volumes.brain, volumes.seg),
-      }
+  any_set = len(cells) > len(modalities)
+  rows, synthesised = [], {}
+  for available, t in cells:
+    synth = synthesizer(subject.images, t, available=np.isin(np.arange(len(modalities)),
+                                                             available))
+    if len(available) == len(modalities) - 1:
+      synthesised[t] = synth
+    source = best_input(scores, t, available)
+    cell = {'available': '+'.join(modalities[i] for i in available)} if any_set else {}
+    for method, slices in (('model', synth), ('baseline', subject.images[..., source])):
+      results = _protocol_results(slices, subject, entry, manifest, t, volumes,
+                                  synthesizer.batch_size)
       for protocol in PROTOCOLS:
-        rows.append({'method': method, 'protocol': protocol, 'target': target,
+        rows.append({'method': method, 'protocol': protocol, 'target': modalities[t],
                      'subject': subject.subject_id, 'num_slices': len(subject.slices),
-                     'source': modalities[baselines[t]] if method == 'baseline' else '',
-                     **results[protocol]})
+                     'source': modalities[source] if method == 'baseline' else '',
+                     **cell, **results[protocol]})
   # Grid material: the slice with the most brain, all modalities and every synthesis.
   k = int(np.argmax((subject.images > manifest['background_value'] + 1e-3).any(-1).sum((1, 2))))
   grid = {'images': subject.images[k].astype(np.float16),
-          'synthesised': np.stack([s[k] for s in synthesised]).astype(np.float16)}
+          'synthesised': np.stack([synthesised[t][k] for t in range(len(modalities))]
+                                  ).astype(np.float16)}
   return rows, grid, volumes.source
+
+
+def _protocol_results(slices, subject, entry, manifest, t, volumes, batch_size):
+  """{protocol: {metric: value}} of synthesised (or copied) slices against target t."""
+  aegan = slice_metrics(slices, subject.images[..., t], batch_size)
+  volume = synthesised_volume(slices, entry, manifest, manifest['modalities'][t], volumes.brain)
+  return {'aegan': {m: float(np.mean(v)) for m, v in aegan.items()},
+          'volume': volume_metrics(volume, volumes.real[t], volumes.brain),
+          'brasyn': brasyn_metrics(volume, volumes.real[t], volumes.brain, volumes.seg)}
 
 
 # --------------------------------------------------------------------------
 # Aggregation.
+
+
+def summarise_scenarios(rows, modalities, cells) -> list[dict]:
+  """One entry per (available set, target) cell: {available, target, model, baseline},
+  each method {protocol: {metric: {mean, std, n}}}."""
+  by_cell = {}
+  for row in rows:
+    by_cell.setdefault((row['available'], row['target']), []).append(row)
+  scenarios = []
+  for available, t in cells:
+    names = [modalities[i] for i in available]
+    cell_rows = by_cell[('+'.join(names), modalities[t])]
+    stats = summarise(cell_rows, [modalities[t]])
+    scenarios.append({'available': names, 'target': modalities[t],
+                      **{method: {protocol: stats[method][protocol][modalities[t]]
+                                  for protocol in PROTOCOLS} for method in METHODS}})
+  return scenarios
 
 
 def summarise(rows, modalities) -> dict:
@@ -352,20 +395,21 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   modalities = list(manifest['modalities'])
   synthesizer = _synthesizer(config, workdir, step, batch_size, variables, len(modalities))
   step = synthesizer.step
-  baselines = choose_baselines(prepared_dir, evaluated_split, len(modalities))
-  log(f'evaluate: step {step}, split {evaluated_split} '
-      f'({manifest["splits"][evaluated_split]["subjects"]} subjects, '
-      f'{data.num_examples(prepared_dir, evaluated_split)} slices), '
-      f'{synthesizer.mesh.devices.size} device(s); baselines: ' +
-      ', '.join(f'{t} <- {modalities[b]}' for t, b in zip(modalities, baselines)))
+  scores = copy_scores(prepared_dir, evaluated_split, len(modalities))
+  everything = range(len(modalities))
+  baselines = [best_input(scores, t, [j for j in everything if j != t]) for t in everything]
+  cells = scenario_cells(len(modalities), config.model.get('generator', 'official') == 'any')
+  _log_start(synthesizer, prepared_dir, evaluated_split, manifest, baselines, log)
   # Official-mode results sit beside the eval-mode ones instead of replacing them.
   folder = f'{step}-official' if synthesizer.official_test_mode else str(step)
   out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / folder)
   if main_process:
     _check_writable(out_dir)  # Before the work, not after it.
   rows, grids, sources, num_slices = _evaluate_subjects(
-      synthesizer, prepared_dir, evaluated_split, manifest, baselines, log)
-  summary = summarise(rows, modalities)
+      synthesizer, prepared_dir, evaluated_split, manifest, scores, cells, log)
+  # The paper's scenario (every other modality in) is the summary for either generator.
+  summary = summarise([r for r in rows if reports.is_paper_scenario(r, len(modalities))],
+                      modalities)
   _log_targets(summary, modalities, baselines, log)
   report = {
       'step': step, 'split': evaluated_split, 'requested_split': split,
@@ -378,6 +422,8 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
                     for p in PROTOCOLS},
       'psnr_cap_db': PSNR_CAP,
       'summary': summary, 'scalars': scalars(summary, modalities),
+      **({'scenarios': summarise_scenarios(rows, modalities, cells)}
+         if len(cells) > len(modalities) else {}),
       'seconds': time.perf_counter() - start,
       'paths': _output_paths(out_dir, modalities),
   }
@@ -424,7 +470,7 @@ def _check_writable(out_dir: pathlib.Path) -> None:
                           f'({e.strerror or e})') from None
 
 
-def _evaluate_subjects(synthesizer, prepared_dir, split, manifest, baselines, log):
+def _evaluate_subjects(synthesizer, prepared_dir, split, manifest, scores, cells, log):
   """Rows of every subject of `split`, its grid material by subject, the volume sources
   used and the number of slices."""
   rows, grids, sources, num_slices = [], {}, set(), 0
@@ -432,13 +478,22 @@ def _evaluate_subjects(synthesizer, prepared_dir, split, manifest, baselines, lo
   for i, subject in enumerate(iterate_subjects(prepared_dir, split)):
     tick = time.perf_counter()
     subject_rows, grids[subject.subject_id], source = evaluate_subject(
-        synthesizer, subject, manifest['subjects'][subject.subject_id], manifest, baselines)
+        synthesizer, subject, manifest['subjects'][subject.subject_id], manifest, scores, cells)
     rows += subject_rows
     sources.add(source)
     num_slices += len(subject.slices)
     log(f'  [{i + 1}/{num_subjects}] {subject.subject_id}: {len(subject.slices)} slices x '
-        f'{len(manifest["modalities"])} targets, {time.perf_counter() - tick:.1f} s')
+        f'{len(cells)} scenarios, {time.perf_counter() - tick:.1f} s')
   return rows, grids, sources, num_slices
+
+
+def _log_start(synthesizer, prepared_dir, split, manifest, baselines, log) -> None:
+  modalities = manifest['modalities']
+  log(f'evaluate: step {synthesizer.step}, split {split} '
+      f'({manifest["splits"][split]["subjects"]} subjects, '
+      f'{data.num_examples(prepared_dir, split)} slices), '
+      f'{synthesizer.mesh.devices.size} device(s); baselines: ' +
+      ', '.join(f'{t} <- {modalities[b]}' for t, b in zip(modalities, baselines)))
 
 
 def _log_targets(summary, modalities, baselines, log) -> None:

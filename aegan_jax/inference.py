@@ -21,10 +21,10 @@ DEFAULT_BATCH_SIZE = 16
 
 def abstract_generator_variables(generator, image_size, num_modalities, sharding=None):
   """Shapes and dtypes of the generator's variables (nothing is allocated)."""
-  channels = modalities_lib.generator_input_channels(num_modalities)
+  del num_modalities  # the generator knows it
   shapes = jax.eval_shape(lambda: generator.init(
-      {'params': jax.random.PRNGKey(0)},
-      jnp.zeros((1, image_size, image_size, channels)), train=False))
+      {'params': jax.random.PRNGKey(0)}, *models.example_inputs(generator, image_size),
+      train=False))
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       shapes)
 
@@ -55,7 +55,7 @@ class Synthesizer:
     self.batch_size = -(-max(batch_size, 1) // devices) * devices
     replicated, self._batch = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
     self.variables = parallel.replicate(variables, self.mesh)
-    self._apply = jax.jit(self._forward, in_shardings=(replicated,) + (self._batch,) * 3,
+    self._apply = jax.jit(self._forward, in_shardings=(replicated,) + (self._batch,) * 4,
                           out_shardings=self._batch)
 
   @classmethod
@@ -77,17 +77,17 @@ class Synthesizer:
     return cls(generator, variables, config, step=step, batch_size=batch_size, mesh=mesh,
                official_test_mode=official_test_mode)
 
-  def _forward(self, variables, images, target_index, position):
-    x = modalities_lib.assemble_generator_input(images, target_index, xp=jnp)
+  def _forward(self, variables, images, available, target_index, position):
+    inputs = self.generator.batch_inputs(images, available, target_index)
     if not self.official_test_mode:
-      return self.generator.apply(variables, x, train=False)[..., 0].astype(jnp.float32)
+      return self.generator.apply(variables, *inputs, train=False)[..., 0].astype(jnp.float32)
 
-    def one_slice(slice_input, index):
+    def one_slice(slice_inputs, index):
       output, _ = self.generator.apply(
-          variables, slice_input[None], train=True, mutable=['batch_stats'],
+          variables, *(x[None] for x in slice_inputs), train=True, mutable=['batch_stats'],
           rngs={'dropout': jax.random.fold_in(jax.random.PRNGKey(0), index)})
       return output[0, ..., 0].astype(jnp.float32)
-    return jax.vmap(one_slice)(x, position)
+    return jax.vmap(one_slice)(inputs, position)
 
   def _put(self, array):
     # Works on one or many processes, as long as every process passes the same array.
@@ -99,29 +99,33 @@ class Synthesizer:
       return np.asarray(multihost_utils.process_allgather(array, tiled=True))
     return np.asarray(array)
 
-  def __call__(self, images, target_index, positions=None) -> np.ndarray:
-    """images [N, H, W, M] normalised (target channel ignored), target_index int or [N].
+  def __call__(self, images, target_index, positions=None, available=None) -> np.ndarray:
+    """images [N, H, W, M] normalised (absent channels ignored), target_index int or [N].
 
-    `positions` [N] (default 0..N-1) seed the official test mode's dropout masks, so a
-    caller that skips slices can keep the others' masks.  Returns the synthesised target
-    slices [N, H, W], float32 in [-1, 1].
+    `available` [M] or [N, M] (default: every modality but the target) says which
+    channels are inputs; the official generator takes only the default.  `positions` [N]
+    (default 0..N-1) seed the official test mode's dropout masks, so a caller that skips
+    slices can keep the others' masks.  Returns the synthesised target slices [N, H, W],
+    float32 in [-1, 1].
     """
     images = np.asarray(images, np.float32)
-    targets = np.broadcast_to(np.asarray(target_index, np.int32), images.shape[:1])
-    positions = np.arange(len(images)) if positions is None else np.asarray(positions)
+    n, m = images.shape[0], images.shape[-1]
+    targets = np.broadcast_to(np.asarray(target_index, np.int32), (n,))
+    if available is None:
+      available = modalities_lib.all_but_target(targets, m)
+    columns = {'images': images, 'targets': targets,
+               'available': np.broadcast_to(np.asarray(available, bool), (n, m)),
+               'positions': np.arange(n) if positions is None else np.asarray(positions)}
+    columns['positions'] = columns['positions'].astype(np.int32)
     outputs, pads = [], []
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      chunk_targets = targets[start:start + self.batch_size]
-      position = positions[start:start + self.batch_size].astype(np.int32)
-      pad = self.batch_size - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        chunk_targets = np.concatenate([chunk_targets, np.zeros(pad, np.int32)])
-        position = np.concatenate([position, np.zeros(pad, np.int32)])
+    for start in range(0, n, self.batch_size):
+      chunk = {k: v[start:start + self.batch_size] for k, v in columns.items()}
+      pad = self.batch_size - len(chunk['images'])
+      chunk = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+               for k, v in chunk.items()}
       # Dispatch every batch before fetching any: transfers overlap the computation.
-      outputs.append(self._apply(self.variables, self._put(chunk), self._put(chunk_targets),
-                                 self._put(position)))
+      outputs.append(self._apply(self.variables, *(self._put(chunk[k]) for k in (
+          'images', 'available', 'targets', 'positions'))))
       pads.append(pad)
     if not outputs:
       return np.zeros((0,) + images.shape[1:3], np.float32)

@@ -49,3 +49,8 @@ def assemble_generator_input(images, target_index, xp=np):
                                 images.shape[:-1] + (1,)), axis=-1)
     branches += [image, planes]
   return xp.concatenate(branches, axis=-1)
+
+
+def all_but_target(target_index, num_modalities: int, xp=np):
+  """Availability [..., M] (bool) of the official scenario: every modality but the target."""
+  return xp.arange(num_modalities) != xp.asarray(target_index)[..., None]

@@ -1,6 +1,8 @@
-"""The two AE-GAN networks: the synthesis generator and the autoencoder.
+"""The AE-GAN networks: the synthesis generator and the autoencoder.
 
-The autoencoder's encoder plus a small head is the discriminator.  Both are
+The autoencoder's encoder plus a small head is the discriminator.  The generator
+is the official one (`SynthesisGenerator`, one missing modality) or, with
+`config.model.generator='any'`, `AnySetGenerator` (any set of inputs).  All are
 pure Flax Linen modules over NHWC tensors; `train` switches BatchNorm between
 batch and running statistics and turns dropout on (rng stream 'dropout').
 """
@@ -34,16 +36,8 @@ def check_options(network) -> None:
       raise ValueError(f'config.model.{field}={value!r} must be an integer >= {least}')
 
 
-class SynthesisGenerator(nn.Module):
-  """Multi-branch ResNet generator (official `MultiHeadResnetGenerator`).
-
-  Input `[N, H, W, B * (1 + M)]`: B = M - 1 branches, each the image of one
-  input modality followed by the M one-hot target planes
-  (`modalities.assemble_generator_input`).  One encoder per branch, a 1x1
-  fusion conv, ResNet blocks, then two upsampling stages with channel
-  attention.  The fields are `config.model`'s (see `build_networks`).
-  """
-  num_modalities: int = 4
+class Network(nn.Module):
+  """`config.model`'s fields, shared by the networks and checked when one is built."""
   ngf: int = 64
   num_blocks: int = 6
   norm: str = 'batch'
@@ -54,6 +48,23 @@ class SynthesisGenerator(nn.Module):
   def __post_init__(self):
     check_options(self)
     super().__post_init__()
+
+
+class SynthesisGenerator(Network):
+  """Multi-branch ResNet generator (official `MultiHeadResnetGenerator`).
+
+  Input `[N, H, W, B * (1 + M)]`: B = M - 1 branches, each the image of one
+  input modality followed by the M one-hot target planes
+  (`modalities.assemble_generator_input`).  One encoder per branch, a 1x1
+  fusion conv, ResNet blocks, then two upsampling stages with channel
+  attention.  The fields are `config.model`'s (see `build_networks`).
+  """
+  num_modalities: int = 4
+
+  def batch_inputs(self, images, available, target_index):
+    """The call's inputs from a batch: the branches are fixed by the target alone."""
+    del available  # every modality but the target, by construction
+    return (modalities.assemble_generator_input(images, target_index, xp=jnp),)
 
   @nn.compact
   def __call__(self, x, *, train: bool, return_features: bool = False):
@@ -69,16 +80,79 @@ class SynthesisGenerator(nn.Module):
                for i, b in enumerate(branches)]
     h = nn.relu(make.conv(4 * self.ngf, 1, use_bias=True, name='fuse')(
         jnp.concatenate(encoded, axis=-1)))
-    for i in range(self.num_blocks):
-      h = layers.ResnetBlock(make, self.use_dropout, name=f'blocks_{i}')(h, train=train)
-    feature_0 = layers.DecoderStage(make, 2 * self.ngf, attention=True,
-                                    name='decoder_0')(h, train=train)
-    feature_1 = layers.DecoderStage(make, self.ngf, attention=True,
-                                    name='decoder_1')(feature_0, train=train)
-    image = layers.OutputConv(make, name='output')(feature_1)
-    if return_features:
-      return image, (feature_0, feature_1)
-    return image
+    return _blocks_and_decoder(self, make, h, train, return_features)
+
+
+class AnySetGenerator(Network):
+  """One generator for any non-empty set of inputs and any missing target.
+
+  One encoder with shared weights reads every modality slot; a learned per-slot
+  scale and shift says which modality a slot holds.  Absent slots are zeroed before
+  the encoder and left out of the fusion (masked mean and masked max over slots), so
+  an absent image cannot influence the output.  The target enters as a learned scale
+  and shift of the fused features.  Then the official ResNet blocks, decoder with
+  channel attention and output, with the same two decoder features for the
+  self-representation loss.  Shapes are fixed (availability [N, M], target [N]):
+  one program serves every subset, and M adds only embeddings.
+  """
+  num_modalities: int = 4
+
+  def batch_inputs(self, images, available, target_index):
+    return images, available, target_index
+
+  @nn.compact
+  def __call__(self, images, available, target_index, *, train: bool,
+               return_features: bool = False):
+    check_image_size(images.shape[1], images.shape[2])
+    make = layers.layer_factory(self.norm, self.dtype, self.param_dtype)
+    n, m = images.shape[0], self.num_modalities
+    available = available.astype(bool)
+    slots = jnp.where(available[:, None, None, :], images, 0).astype(make.dtype)
+    slots = jnp.moveaxis(slots, -1, 1).reshape(n * m, *images.shape[1:3], 1)
+    encoded = layers.BranchEncoder(make, self.ngf, name='encoder')(slots, train=train)
+    encoded = encoded.reshape(n, m, *encoded.shape[1:])
+    encoded = _film(self, 'slot', encoded, jnp.arange(m)[None, :], m)
+    fused = _masked_fusion(encoded, available)
+    h = nn.relu(make.conv(4 * self.ngf, 1, use_bias=True, name='fuse')(fused))
+    h = _film(self, 'target', h, target_index, m)
+    return _blocks_and_decoder(self, make, h, train, return_features)
+
+
+def _blocks_and_decoder(module, make, h, train, return_features):
+  """The official generator after its fusion: ResNet blocks, two upsampling stages with
+  channel attention, output; submodules of `module` (called from its compact method)."""
+  for i in range(module.num_blocks):
+    h = layers.ResnetBlock(make, module.use_dropout, name=f'blocks_{i}')(h, train=train)
+  feature_0 = layers.DecoderStage(make, 2 * module.ngf, attention=True,
+                                  name='decoder_0')(h, train=train)
+  feature_1 = layers.DecoderStage(make, module.ngf, attention=True,
+                                  name='decoder_1')(feature_0, train=train)
+  image = layers.OutputConv(make, name='output')(feature_1)
+  if return_features:
+    return image, (feature_0, feature_1)
+  return image
+
+
+def _film(module, name, x, index, count):
+  """x * (1 + scale[index]) + shift[index], per channel; the embeddings start at 0."""
+  channels = x.shape[-1]
+  param_dtype = jnp.dtype(module.param_dtype)
+  scale = module.param(f'{name}_scale', nn.initializers.zeros, (count, channels), param_dtype)
+  shift = module.param(f'{name}_shift', nn.initializers.zeros, (count, channels), param_dtype)
+  expand = (slice(None),) * index.ndim + (None,) * (x.ndim - index.ndim - 1)
+  scale, shift = scale[index][expand], shift[index][expand]
+  return x * (1 + scale.astype(x.dtype)) + shift.astype(x.dtype)
+
+
+def _masked_fusion(encoded, available):
+  """[N, M, h, w, C] -> [N, h, w, 2C]: mean and max over the available slots only."""
+  mask = available[:, :, None, None, None]
+  count = jnp.maximum(available.sum(axis=1), 1)[:, None, None, None]
+  mean = jnp.where(mask, encoded, 0).sum(axis=1) / count.astype(encoded.dtype)
+  lowest = jnp.finfo(encoded.dtype).min
+  largest = jnp.where(mask, encoded, lowest).max(axis=1)
+  largest = jnp.where(available.any(axis=1)[:, None, None, None], largest, 0)  # padding rows
+  return jnp.concatenate([mean, largest], axis=-1)
 
 
 class DiscriminatorHead(nn.Module):
@@ -107,7 +181,7 @@ class AutoEncoderOutput(NamedTuple):
   features: tuple              # decoder stage outputs, for the self-representation loss
 
 
-class AutoEncoder(nn.Module):
+class AutoEncoder(Network):
   """Official `SrResnetGenerator`: single-branch encoder, ResNet blocks, decoder.
 
   The discriminator is the encoder plus a head: 1x1 conv, norm, LeakyReLU 0.2,
@@ -116,16 +190,6 @@ class AutoEncoder(nn.Module):
   encoder output, not the head.
   """
   num_classes: int = 4
-  ngf: int = 64
-  num_blocks: int = 6
-  norm: str = 'batch'
-  use_dropout: bool = True
-  dtype: Dtype = 'float32'
-  param_dtype: Dtype = 'float32'
-
-  def __post_init__(self):
-    check_options(self)
-    super().__post_init__()
 
   def setup(self):
     make = layers.layer_factory(self.norm, self.dtype, self.param_dtype)
@@ -166,21 +230,35 @@ class AutoEncoder(nn.Module):
     return self.decode(self.encode(x, train=train), train=train)[1]
 
 
-def generator_batch(images, target_index):
-  """(generator input, target) from all modalities [N, H, W, M] and target indices [N].
+def generator_batch(generator, batch):
+  """(the generator's call inputs, target) from a loader batch: images [N, H, W, M],
+  available [N, M] and target_index [N].
 
-  Built inside the step, on device: M channels travel from the host instead of
-  (M - 1) * (M + 1).
+  Built inside the step, on device: M channels travel from the host, not the
+  official generator's (M - 1) * (M + 1).
   """
+  images, target_index = batch['images'], batch['target_index']
   target = jnp.take_along_axis(images, target_index[:, None, None, None], axis=-1)
-  return modalities.assemble_generator_input(images, target_index, xp=jnp), target
+  return generator.batch_inputs(images, batch['available'], target_index), target
+
+
+def example_inputs(generator, image_size: int):
+  """One all-zero example of the generator's inputs (for `init`)."""
+  m = generator.num_modalities
+  return generator.batch_inputs(jnp.zeros((1, image_size, image_size, m)),
+                                modalities.all_but_target(jnp.zeros(1, jnp.int32), m, jnp),
+                                jnp.zeros(1, jnp.int32))
 
 
 def build_networks(model_config, num_modalities: int):
   """Both networks from a `config.model` block, whose fields are their keywords."""
   options = dict(model_config.items())
+  kind = options.pop('generator', 'official')
+  if kind not in ('official', 'any'):
+    raise ValueError(f"config.model.generator={kind!r} must be 'official' or 'any'")
+  generator_class = AnySetGenerator if kind == 'any' else SynthesisGenerator
   try:
-    return (SynthesisGenerator(num_modalities=num_modalities, **options),
+    return (generator_class(num_modalities=num_modalities, **options),
             AutoEncoder(num_classes=num_modalities, **options))
   except TypeError as e:  # a field neither network has
     raise ValueError(f'config.model: {e}') from None

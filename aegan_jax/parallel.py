@@ -63,7 +63,8 @@ def sharded_train_step(trainer: train.Trainer, mesh: Mesh):
                  donate_argnums=0)
 
 
-def global_batch(local_batch: dict, mesh: Mesh, keys=('images', 'target_index')) -> dict:
+def global_batch(local_batch: dict, mesh: Mesh,
+                 keys=('images', 'available', 'target_index')) -> dict:
   """Per-process numpy batch -> global jax arrays sharded on 'data'."""
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))

@@ -4,7 +4,7 @@ Everything is formatted from the report `evaluate.evaluate` builds (its
 `protocols` entry names each protocol's metrics and definition), so this module
 needs nothing from `evaluate`.  Pictures use the training samples' helpers
 (`samples.to_uint8`, `samples.grid_image`).  `ensure_writable` is the output
-folder probe, also used for the trainer's workdir.
+folder probe, also used for the training job's workdir (`job.make_workdir`).
 """
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ def ensure_writable(folder) -> None:
     pass
 
 
+def is_paper_scenario(row, num_modalities) -> bool:
+  """A row of the official generator, or of an any-set cell with every other modality in."""
+  return 'available' not in row or len(row['available'].split('+')) == num_modalities - 1
+
+
 def write_outputs(report, rows, grids, out_dir: pathlib.Path) -> None:
   """The four kinds of files of `<workdir>/eval/<step>/` (see docs/evaluation.md)."""
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,8 +49,9 @@ def write_outputs(report, rows, grids, out_dir: pathlib.Path) -> None:
     json.dump(_json_safe({**report, 'subjects': rows}), f, indent=1, allow_nan=False)
   write_csv(rows, out_dir / 'metrics.csv')
   (out_dir / 'metrics.md').write_text(markdown(report))
+  paper = [r for r in rows if is_paper_scenario(r, len(modalities))]  # what grids show
   for t, target in enumerate(modalities):
-    write_grid(t, pick_subjects(rows, grids, target), modalities, out_dir / f'grid_{target}.png')
+    write_grid(t, pick_subjects(paper, grids, target), modalities, out_dir / f'grid_{target}.png')
 
 
 def _json_safe(tree):
@@ -60,8 +66,10 @@ def _json_safe(tree):
 
 
 def write_csv(rows, path) -> None:
+  """One line per row; an any-set evaluation adds the `available` column first."""
+  fields = (('available',) if rows and 'available' in rows[0] else ()) + CSV_FIELDS
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, CSV_FIELDS, restval='')
+    writer = csv.DictWriter(f, fields, restval='')
     writer.writeheader()
     for row in rows:
       writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
@@ -90,7 +98,31 @@ def markdown(report) -> str:
             'in eval mode (BatchNorm running statistics, no dropout).'), '']
   for protocol, spec in report['protocols'].items():
     lines += _protocol_table(report, protocol, spec['definition'], spec['metrics'])
+  if 'scenarios' in report:
+    for metric in ('psnr', 'ssim'):
+      lines += _scenario_table(report, metric)
   return '\n'.join(lines)
+
+
+def _scenario_table(report, metric) -> list[str]:
+  """aegan-protocol `metric` of every (available set, target) cell: AE-GAN (copy baseline)."""
+  modalities = report['modalities']
+  cells, sets = {}, []
+  for scenario in report['scenarios']:
+    key = ' + '.join(scenario['available'])
+    if key not in cells:
+      sets.append(key)
+    model, base = (scenario[m]['aegan'][metric]['mean'] for m in ('model', 'baseline'))
+    cells.setdefault(key, {})[scenario['target']] = (
+        f'{_format(model, metric, "aegan")} ({_format(base, metric, "aegan")})')
+  lines = [f'## Every set of inputs: {METRIC_HEADERS[metric]} (aegan protocol)', '',
+           'AE-GAN, and in brackets the best available input copied. Rows: the inputs '
+           'given; columns: the modality synthesised.', '',
+           '| inputs | ' + ' | '.join(modalities) + ' |', '|---|' + '---:|' * len(modalities)]
+  for key in sets:
+    lines.append(f'| {key} | ' + ' | '.join(cells[key].get(t, '') for t in modalities) + ' |')
+  lines.append('')
+  return lines
 
 
 def _protocol_table(report, protocol, title, names) -> list[str]:

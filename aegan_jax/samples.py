@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from aegan_jax import data
 from aegan_jax import modalities as modalities_lib
+from aegan_jax import models
 
 
 def to_uint8(image, low=-1.0, high=1.0):
@@ -65,11 +66,14 @@ class SampleWriter:
     targets = np.repeat(np.arange(num_modalities), len(images))
     self.images = np.tile(images, (num_modalities, 1, 1, 1))
     self.targets = targets
-    self.inputs = modalities_lib.assemble_generator_input(self.images, targets)
-    self._apply = jax.jit(lambda v, x: generator.apply(v, x, train=False))
+    # Every other modality as input: the paper's scenario, for either generator.
+    batch = {'images': self.images, 'target_index': targets,
+             'available': modalities_lib.all_but_target(targets, num_modalities)}
+    self.inputs = models.generator_batch(generator, jax.tree.map(jnp.asarray, batch))[0]
+    self._apply = jax.jit(lambda v, inputs: generator.apply(v, *inputs, train=False))
 
   def write(self, step: int, variables) -> pathlib.Path:
-    synthesized = np.asarray(self._apply(variables, jnp.asarray(self.inputs)))[..., 0]
+    synthesized = np.asarray(self._apply(variables, self.inputs))[..., 0]
     rows, row_labels = [], []
     for i, target in enumerate(self.targets):
       sources = modalities_lib.branch_modalities(int(target), len(self.names))

@@ -53,10 +53,18 @@ class SynthesisError(ValueError):
 # Cases: what to synthesise, reading, pre- and postprocessing.
 
 
-def choose_targets(case, modalities, *, target=None, all_targets=False) -> list[str]:
-  """The modalities to synthesise for `case`; raises SynthesisError if impossible."""
+def choose_targets(case, modalities, *, target=None, all_targets=False,
+                   any_set=False) -> list[str]:
+  """The modalities to synthesise for `case`; raises SynthesisError if impossible.
+
+  `any_set` (a generator for any set of inputs): every missing modality, from
+  whichever are present.  Otherwise the official scenario: one missing modality.
+  """
   missing = [m for m in modalities if m not in case.files]
   where = case.directory if case.layout != 'modality_first' else case.subject_id
+  if any_set and len(missing) == len(modalities):
+    raise SynthesisError(f'{where}: none of {list(modalities)} is present; at least one '
+                         'input is needed')
   if all_targets:
     if missing:
       raise SynthesisError(f'{where}: --all-targets needs complete cases, but {missing} '
@@ -66,16 +74,17 @@ def choose_targets(case, modalities, *, target=None, all_targets=False) -> list[
     if target not in modalities:
       raise SynthesisError(f'--target {target!r} is not one of {list(modalities)}')
     others = [m for m in missing if m != target]
-    if others:
+    if others and not any_set:
       raise SynthesisError(f'{where}: missing {others} besides the target {target}; '
                            'every other modality is needed')
     return [target]
   if not missing:
     raise SynthesisError(f'{where}: nothing is missing (all of {list(modalities)} present); '
                          'pass --target MOD or --all-targets')
-  if len(missing) > 1:
+  if len(missing) > 1 and not any_set:
     raise SynthesisError(f'{where}: {len(missing)} modalities are missing ({missing}); '
-                         'AE-GAN synthesises one from the others')
+                         'AE-GAN synthesises one from the others (a model trained with '
+                         "--config.model.generator=any fills any number)")
   return missing
 
 
@@ -191,7 +200,8 @@ class Job:
   shape: tuple
 
 
-def plan_jobs(cases, data_config, *, target=None, all_targets=False) -> list[Job]:
+def plan_jobs(cases, data_config, *, target=None, all_targets=False,
+              any_set=False) -> list[Job]:
   """Checks every case (modalities, headers, size) before anything is synthesised."""
   modalities = tuple(data_config.modalities)
   jobs = []
@@ -199,7 +209,8 @@ def plan_jobs(cases, data_config, *, target=None, all_targets=False) -> list[Job
     if tuple(case.modalities) != tuple(modalities):
       raise SynthesisError(f'{case.directory}: a {case.dataset} case, but the model was '
                            f'trained on {list(modalities)}')
-    targets = choose_targets(case, modalities, target=target, all_targets=all_targets)
+    targets = choose_targets(case, modalities, target=target, all_targets=all_targets,
+                             any_set=any_set)
     inputs = [m for m in modalities if m in case.files and (all_targets or m not in targets)]
     # Headers only: every case is checked before any voxel is read.
     reference, shape = nifti.read_headers([(m, case.files[m]) for m in inputs],
@@ -212,12 +223,13 @@ def plan_jobs(cases, data_config, *, target=None, all_targets=False) -> list[Job
 
 
 @dataclasses.dataclass
-class Prepared:
+class CaseInputs:
+  """A case's acquired volumes, read once for all of its targets."""
   volumes: dict       # modality -> [X, Y, Z] raw input volume
   images: np.ndarray  # [Z, S, S, M] generator-ready slices
 
 
-def prepare_case(job: Job, data_config) -> Prepared:
+def read_case_inputs(job: Job, data_config) -> CaseInputs:
   """Reads and preprocesses a case's inputs once, for all of its targets."""
   volumes = {m: nifti.read_voxels(job.case.files[m], job.shape, SynthesisError)
              for m in job.inputs}
@@ -225,20 +237,22 @@ def prepare_case(job: Job, data_config) -> Prepared:
     if not volume.any():
       print(f'warning: {job.case.files[modality]}: every voxel is 0; the synthesis has '
             'nothing to learn from in this input', file=sys.stderr, flush=True)
-  return Prepared(volumes, preprocess_inputs(volumes, list(data_config.modalities), data_config))
+  return CaseInputs(volumes, preprocess_inputs(volumes, list(data_config.modalities), data_config))
 
 
 def synthesize_case(synthesizer, job: Job, out_dir, *, naming='case', scale=INTENSITY_SCALE,
-                    prepared: Prepared | None = None) -> list[tuple[str, pathlib.Path]]:
+                    inputs: CaseInputs | None = None) -> list[tuple[str, pathlib.Path]]:
   """Synthesises and writes every target of one case; returns (target, path) pairs."""
   data_config = synthesizer.config.data
-  prepared = prepared or prepare_case(job, data_config)
+  inputs = inputs or read_case_inputs(job, data_config)
   written = []
   for target in job.targets:
     # The generator ignores the target's channel, so one input array serves every target;
     # with --all-targets the brain mask leaves the target's own volume out.
-    brain = brain_mask(prepared.volumes, exclude=(target,))
-    volume = postprocess(synthesize_brain_slices(synthesizer, prepared.images, target, brain),
+    brain = brain_mask(inputs.volumes, exclude=(target,))
+    available = [m in inputs.volumes and m != target for m in data_config.modalities]
+    volume = postprocess(synthesize_brain_slices(synthesizer, inputs.images, target, brain,
+                                                 available),
                          brain, data_config, scale)
     path = output_path(job.case, target, out_dir, naming)
     write_nifti(volume, job.reference, path)
@@ -246,7 +260,7 @@ def synthesize_case(synthesizer, job: Job, out_dir, *, naming='case', scale=INTE
   return written
 
 
-def synthesize_brain_slices(synthesizer, images, target, brain) -> np.ndarray:
+def synthesize_brain_slices(synthesizer, images, target, brain, available=None) -> np.ndarray:
   """[Z, S, S] synthesis; axial slices with no brain voxel in any input skip the generator.
 
   `postprocess` sets every voxel outside the brain to 0, so those slices come out exactly
@@ -257,19 +271,19 @@ def synthesize_brain_slices(synthesizer, images, target, brain) -> np.ndarray:
   if has_brain.any():
     out[has_brain] = synthesizer(images[has_brain],
                                  list(synthesizer.config.data.modalities).index(target),
-                                 positions=np.flatnonzero(has_brain))
+                                 positions=np.flatnonzero(has_brain), available=available)
   return out
 
 
 def prefetched(jobs, data_config):
-  """(job, Prepared) pairs; the next case is read and preprocessed while this one runs."""
+  """(job, CaseInputs) pairs; the next case is read and preprocessed while this one runs."""
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    future = pool.submit(prepare_case, jobs[0], data_config) if jobs else None
+    future = pool.submit(read_case_inputs, jobs[0], data_config) if jobs else None
     for i, job in enumerate(jobs):
-      prepared = future.result()
+      inputs = future.result()
       if i + 1 < len(jobs):
-        future = pool.submit(prepare_case, jobs[i + 1], data_config)
-      yield job, prepared
+        future = pool.submit(read_case_inputs, jobs[i + 1], data_config)
+      yield job, inputs
 
 
 # --------------------------------------------------------------------------
@@ -280,7 +294,8 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m aegan_jax.synthesize',
                                    description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True, type=pathlib.Path,
-                      help='training workdir (or one written by python -m aegan_jax.official import)')
+                      help='training workdir (or one written by '
+                      'python -m aegan_jax.official import)')
   parser.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
   parser.add_argument('--input', required=True, type=pathlib.Path,
                       help='one case folder or a folder of cases')
@@ -306,9 +321,11 @@ def parse_args(argv):
 def run(args) -> list[pathlib.Path]:
   check_output_folder(args.input, args.output)
   step, config = checkpoints.read_checkpoint_config(args.workdir, args.step)
-  cases = layouts.find_cases(args.input, config.data.get('dataset', 'auto'))
-  jobs = plan_jobs(cases, config.data, target=args.target,
-                   all_targets=args.all_targets)
+  cases = layouts.find_cases(args.input, config.data.get('dataset', 'auto'),
+                             config.data.modalities)
+  any_set = config.model.get('generator', 'official') == 'any'
+  jobs = plan_jobs(cases, config.data, target=args.target, all_targets=args.all_targets,
+                   any_set=any_set)
   check_output_files(jobs, args.output, args.naming, args.overwrite)
   synthesizer = inference.Synthesizer.restore(args.workdir, step=step, config=config,
                                               batch_size=args.batch_size,
@@ -317,9 +334,9 @@ def run(args) -> list[pathlib.Path]:
         f'{synthesizer.mesh.devices.size} device(s)', flush=True)
   paths, seconds = [], []
   start = time.perf_counter()
-  for i, (job, prepared) in enumerate(prefetched(jobs, config.data)):
+  for i, (job, inputs) in enumerate(prefetched(jobs, config.data)):
     written = synthesize_case(synthesizer, job, args.output, naming=args.naming,
-                              scale=args.intensity_scale, prepared=prepared)
+                              scale=args.intensity_scale, inputs=inputs)
     seconds.append((time.perf_counter() - start) / len(written))
     paths += [p for _, p in written]
     names = ', '.join(f'{t} -> {p}' for t, p in written)

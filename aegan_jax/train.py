@@ -24,7 +24,6 @@ import optax
 
 from aegan_jax import layers
 from aegan_jax import losses
-from aegan_jax import modalities
 from aegan_jax import models
 
 PyTree = Any
@@ -117,10 +116,10 @@ def make_trainer(config, num_modalities: int) -> Trainer:
 def init_state(trainer: Trainer, rng, image_size: int) -> TrainState:
   """Fresh state (official init: N(0, 0.02) weights, BN gamma ~ N(1, 0.02))."""
   g_rng, ae_rng, train_rng = jax.random.split(rng, 3)
-  channels = modalities.generator_input_channels(trainer.generator.num_modalities)
-  g_input = jnp.zeros((1, image_size, image_size, channels))
   ae_input = jnp.zeros((1, image_size, image_size, 1))
-  g_vars = trainer.generator.init({'params': g_rng}, g_input, train=False)
+  g_vars = trainer.generator.init({'params': g_rng},
+                                  *models.example_inputs(trainer.generator, image_size),
+                                  train=False)
   ae_vars = trainer.autoencoder.init({'params': ae_rng}, ae_input, train=False)
 
   def network_state(variables, tx):
@@ -210,15 +209,16 @@ def _generator_loss_grads(trainer, ae: NetworkState, synthesized, features, targ
 
 
 def train_step(state: TrainState, batch, *, trainer: Trainer):
-  """One AE-GAN iteration on the loader's batch: images [N, H, W, M], target_index [N]."""
+  """One AE-GAN iteration on the loader's batch: images [N, H, W, M], available [N, M],
+  target_index [N]."""
   rng = jax.random.fold_in(state.rng, state.step)
   g_rng, ae_rng, g_loss_rng = jax.random.split(rng, 3)
-  generator_input, target = models.generator_batch(batch['images'], batch['target_index'])
+  generator_inputs, target = models.generator_batch(trainer.generator, batch)
   g = state.generator
 
   def generator_forward(params):
     (synth, feats), new_state = trainer.generator.apply(
-        {'params': params, 'batch_stats': g.batch_stats}, generator_input, train=True,
+        {'params': params, 'batch_stats': g.batch_stats}, *generator_inputs, train=True,
         return_features=True, rngs={'dropout': g_rng}, mutable=['batch_stats'])
     return (synth, feats), _stats(new_state)
 

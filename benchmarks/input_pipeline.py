@@ -22,11 +22,10 @@ from data_prep import phantom  # noqa: E402
 from data_prep import prepare  # noqa: E402
 
 
-def _loading_rate(prepared, batch_size, batches, worker_count, full):
+def _loading_rate(prepared, batch_size, batches, worker_count):
   loader = data.make_train_loader(prepared, global_batch_size=batch_size,
                                   seed=0, worker_count=worker_count,
-                                  process_index=0, process_count=1,
-                                  with_generator_input=full)
+                                  process_index=0, process_count=1)
   iterator = iter(loader)
   next(iterator)  # start-up (worker processes, file handles) not counted
   start = time.perf_counter()
@@ -72,13 +71,10 @@ def main():
 
 
 def _report_loading(args, prepared, workers):
-  for full in (True, False):
-    for count in workers:
-      rate = _loading_rate(prepared, args.batch_size, args.batches, count, full)
-      what = 'with' if full else 'without'
-      print(f'load (grain workers={count}, batch {args.batch_size}, '
-            f'{args.image_size}x{args.image_size}x4, {what} '
-            f'generator_input): {rate:.1f} slices/s', flush=True)
+  for count in workers:
+    rate = _loading_rate(prepared, args.batch_size, args.batches, count)
+    print(f'load (grain workers={count}, batch {args.batch_size}, '
+          f'{args.image_size}x{args.image_size}x4): {rate:.1f} slices/s', flush=True)
 
 
 if __name__ == '__main__':  # Grain worker processes re-import this module.

@@ -81,12 +81,12 @@ def main(argv=None):
       seconds.append(time.perf_counter() - start)
     # Several cases as the CLI runs them: the next one is read and preprocessed meanwhile.
     start = time.perf_counter()
-    for job, prepared in synthesize.prefetched(jobs * args.volumes, synthesizer.config.data):
-      synthesize.synthesize_case(synthesizer, job, tmp / 'out', prepared=prepared)
+    for job, inputs in synthesize.prefetched(jobs * args.volumes, synthesizer.config.data):
+      synthesize.synthesize_case(synthesizer, job, tmp / 'out', inputs=inputs)
     pipelined = (time.perf_counter() - start) / args.volumes
-    prepared = synthesize.prepare_case(jobs[0], synthesizer.config.data)
-    images = prepared.images
-    brain_slices = int(synthesize.brain_mask(prepared.volumes).any(axis=(0, 1)).sum())
+    inputs = synthesize.read_case_inputs(jobs[0], synthesizer.config.data)
+    images = inputs.images
+    brain_slices = int(synthesize.brain_mask(inputs.volumes).any(axis=(0, 1)).sum())
     generator_seconds = []
     for _ in range(max(args.volumes, 1)):
       start = time.perf_counter()

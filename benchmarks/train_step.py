@@ -21,6 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from aegan_jax import modalities  # noqa: E402
 from aegan_jax import train  # noqa: E402
 from configs import brats  # noqa: E402
 
@@ -42,7 +43,8 @@ def make_batch(size, batch):
   rng = np.random.default_rng(0)
   images = np.tanh(rng.normal(size=(batch, size, size, 4))).astype(np.float32)
   targets = np.arange(batch) % 4
-  return {'images': images, 'target_index': targets}
+  return {'images': images, 'target_index': targets,
+          'available': modalities.all_but_target(targets, 4)}
 
 
 def init(size, ngf, dtype):

@@ -13,25 +13,31 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = 'brats'            # brats | isles2015 (data_prep layouts)
+  config.data.dataset = 'brats'            # brats | isles2015 | generic (data_prep layouts)
   config.data.raw_dir = ''                 # raw NIfTI tree; prepared on first launch if needed
   config.data.phantom_subjects = 0         # > 0: generate phantom subjects in raw_dir if empty
   config.data.phantom_shape = (240, 240, 155)
   config.data.phantom_seed = 0
   config.data.prepared_dir = ''            # default: <workdir>/prepared
-  config.data.modalities = ('t1', 't1ce', 't2', 'flair')
+  config.data.modalities = ('t1', 't1ce', 't2', 'flair')  # generic: any names, any count
   config.data.image_size = 256             # official crop_size
   config.data.normalise = 'max'            # official: volume / max * 2 - 1
   config.data.slices = 'official'          # official: axial slice 78 only
   config.data.geometry = 'resize'          # official: bilinear resize to image_size
   config.data.split_ratios = (0.8, 0.1, 0.1)
   config.data.split_seed = 0
-  config.data.targets = (0, 1, 2, 3)       # the four single-missing-modality scenarios
+  config.data.targets = ()                 # the modalities a scenario may synthesise (): all
+  config.data.scenarios = 'single'         # single: all other modalities in (the paper) |
+                                           # any: every non-empty set of them, uniformly |
+                                           # curriculum: all others first, then fewer (MM-GAN)
+  config.data.curriculum_stage_examples = 20000  # curriculum: examples before one input fewer
   config.data.flip = False                 # augmentations off, as in the official BraTS setup
   config.data.random_crop = False
   config.data.worker_count = 0             # grain worker processes (0: in the main process)
 
   config.model = ml_collections.ConfigDict()
+  config.model.generator = 'official'      # official: one encoder per input branch (the paper) |
+                                           # any: one shared encoder, any set of inputs
   config.model.ngf = 64
   config.model.num_blocks = 6
   config.model.norm = 'batch'              # batch (official) | instance

@@ -22,7 +22,7 @@ def _ratios(text):
 def build_parser():
   parser = argparse.ArgumentParser(
       prog='python -m data_prep',
-      description='Prepare raw BraTS / ISLES2015 NIfTI into 2D slices.')
+      description='Prepare raw BraTS / ISLES2015 / generic NIfTI into 2D slices.')
   parser.add_argument('--src', type=pathlib.Path,
                       help='raw dataset root (split by --split-ratios)')
   parser.add_argument('--dst', type=pathlib.Path, required=True)
@@ -30,7 +30,10 @@ def build_parser():
   parser.add_argument('--val-src', type=pathlib.Path)
   parser.add_argument('--test-src', type=pathlib.Path)
   parser.add_argument('--dataset', default='auto',
-                      choices=('auto', 'brats', 'isles2015'))
+                      choices=('auto', 'brats', 'isles2015', 'generic'))
+  parser.add_argument('--modalities', type=lambda text: tuple(text.split(',')),
+                      help='generic: the modality names, comma-separated, in channel '
+                      'order; files are <case>/<case>_<name>.nii[.gz]')
   parser.add_argument('--normalise', default='max',
                       choices=preprocess.NORMALISATIONS)
   parser.add_argument('--slices', default='official',
@@ -59,10 +62,14 @@ def main(argv=None) -> int:
     print('error: give either --src or --train-src/--val-src/--test-src',
           file=sys.stderr)
     return 2
+  if (args.modalities is not None) != (args.dataset == 'generic'):
+    print('error: --modalities goes with --dataset generic (and only with it)', file=sys.stderr)
+    return 2
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
   try:
     report = prepare.prepare_dataset(
-        args.src, args.dst, dataset=args.dataset, normalise=args.normalise,
+        args.src, args.dst, dataset=args.dataset, modalities=args.modalities,
+        normalise=args.normalise,
         slices=args.slices, geometry=args.geometry, image_size=args.image_size,
         split_ratios=args.split_ratios, split_seed=args.split_seed,
         split_sources=split_sources or None, skip_bad=args.skip_bad,

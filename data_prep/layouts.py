@@ -13,6 +13,8 @@ Supported layouts (``Case.layout``):
   modality_first         official AE-GAN code: ``flair/ t1/ t1ce/ t2/``
                          folders, one file per subject in each
   isles2015              ISLES 2015 SISS ``<n>/VSD.Brain.XX.O.MR_T1.<id>/...``
+  generic                ``<case>/<case>_<modality>.nii[.gz]`` with the modality
+                         names given (``--dataset generic --modalities a,b,c``)
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from data_prep.errors import DataError
 
 BRATS = 'brats'
 ISLES2015 = 'isles2015'
-DATASETS = ('auto', BRATS, ISLES2015)
+GENERIC = 'generic'
+DATASETS = ('auto', BRATS, ISLES2015, GENERIC)
 
 # Canonical modality names, in channel order (the configs' `data.modalities`).
 BRATS_MODALITIES = ('t1', 't1ce', 't2', 'flair')
@@ -63,15 +66,12 @@ class Case:
   """One subject: where its files are and how its files are named."""
   subject_id: str
   layout: str
-  dataset: str                      # 'brats' or 'isles2015'
+  dataset: str                      # 'brats', 'isles2015' or 'generic'
+  modalities: tuple[str, ...]       # the dataset's modalities, in channel order
   directory: pathlib.Path           # subject folder (root for modality_first)
   files: dict[str, pathlib.Path]    # canonical modality -> file
   seg: pathlib.Path | None = None
   ext: str = '.nii.gz'
-
-  @property
-  def modalities(self) -> tuple[str, ...]:
-    return dataset_modalities(self.dataset)
 
   def filename_for(self, modality: str) -> str:
     """File name of ``modality`` (or 'seg') in this case's own convention."""
@@ -86,6 +86,8 @@ class Case:
       if existing is not None:
         return existing.name
       return f'VSD.Brain.XX.O.{ISLES2015_TOKENS[modality]}.{self.subject_id}{self.ext}'
+    if self.layout == GENERIC:
+      return f'{self.subject_id}_{modality}{self.ext}'
     return brats_file_name(self.layout, self.subject_id, modality, self.ext)
 
   def path_for(self, modality: str) -> pathlib.Path:
@@ -153,7 +155,7 @@ def _find_modality_first(root: pathlib.Path) -> list[Case]:
           continue
         subject = _strip_modality_token(match['stem'], modality)
         case = by_subject.setdefault(subject, Case(
-            subject, 'modality_first', dataset, root, {}, ext=match['ext']))
+            subject, 'modality_first', dataset, mods, root, {}, ext=match['ext']))
         if modality == 'seg':
           case.seg = path
         else:
@@ -184,7 +186,7 @@ def _find_isles2015(root: pathlib.Path) -> list[Case]:
     if subject_dir.name.startswith('VSD.'):
       subject_dir = subject_dir.parent
     case = by_subject.setdefault(subject_dir, Case(
-        subject_dir.name, ISLES2015, ISLES2015, subject_dir, {},
+        subject_dir.name, ISLES2015, ISLES2015, ISLES2015_MODALITIES, subject_dir, {},
         ext=match['ext']))
     modality = tokens_to_modality[match['tok'].lower()]
     if modality == 'seg':
@@ -208,7 +210,7 @@ def _find_brats(root: pathlib.Path) -> list[Case]:
       if modality is None:
         break
       case = by_subject.setdefault(path.parent, Case(
-          folder, layout, BRATS, path.parent, {}, ext=match['ext']))
+          folder, layout, BRATS, BRATS_MODALITIES, path.parent, {}, ext=match['ext']))
       if modality == 'seg':
         case.seg = path
       else:
@@ -217,12 +219,57 @@ def _find_brats(root: pathlib.Path) -> list[Case]:
   return list(by_subject.values())
 
 
-def find_cases(root, dataset: str = 'auto') -> list[Case]:
+def check_generic_modalities(modalities) -> tuple[str, ...]:
+  """The modality names of a generic dataset: at least two, distinct, [A-Za-z0-9]+."""
+  names = tuple(modalities or ())
+  if len(names) < 2 or len(set(n.lower() for n in names)) < len(names) or any(
+      not re.fullmatch(r'[A-Za-z0-9]+', n) or n.lower() == 'seg' for n in names):
+    raise DataError(f'--modalities {",".join(names) or "(none)"}: a generic dataset needs at '
+                    'least two distinct names of letters and digits (not "seg")')
+  return names
+
+
+def _find_generic(root: pathlib.Path, modalities) -> list[Case]:
+  """``<root>/<case>/<case>_<modality>.nii[.gz]`` (and an optional ``<case>_seg``)."""
+  tokens = {m.lower(): m for m in modalities}
+  cases = []
+  for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')):
+    case = Case(folder.name, GENERIC, GENERIC, tuple(modalities), folder, {})
+    for path in sorted(folder.iterdir()):
+      match = _NIFTI.match(path.name)
+      prefix = folder.name + '_'
+      if not match or not path.is_file() or not match['stem'].startswith(prefix):
+        continue
+      token = match['stem'][len(prefix):].lower()
+      case.ext = match['ext']
+      if token == 'seg':
+        case.seg = path
+      elif token in tokens:
+        case.files[tokens[token]] = path
+    if case.files or case.seg:
+      cases.append(case)
+  return cases
+
+
+def _find_by_file_names(root: pathlib.Path, dataset: str) -> list[Case]:
+  """BraTS or ISLES2015 subjects; with dataset 'auto', whichever one the folder holds."""
+  found = {BRATS: _find_brats(root), ISLES2015: _find_isles2015(root)}
+  if dataset != 'auto':
+    return found[dataset]
+  nonempty = [d for d, c in found.items() if c]
+  if len(nonempty) > 1:
+    raise DataError(f'{root}: holds both BraTS and ISLES2015 subjects; pass --dataset')
+  return found[nonempty[0]] if nonempty else []
+
+
+def find_cases(root, dataset: str = 'auto', modalities=None) -> list[Case]:
   """Lists the subjects under ``root``, sorted by subject id.
 
   Args:
-    root: raw dataset folder (any depth above the subject folders).
-    dataset: 'auto', 'brats' or 'isles2015'.
+    root: raw dataset folder (any depth above the subject folders; for
+      'generic', the folder holding the case folders).
+    dataset: 'auto', 'brats', 'isles2015' or 'generic'.
+    modalities: the modality names of a 'generic' dataset (channel order).
 
   Raises:
     DataError: missing/empty folder, unknown layout, mixed datasets or
@@ -235,21 +282,18 @@ def find_cases(root, dataset: str = 'auto') -> list[Case]:
     raise DataError(f'{root}: no such directory')
   if not any(root.iterdir()):
     raise DataError(f'{root}: folder is empty')
-  cases = _find_modality_first(root)
+  if dataset == GENERIC:
+    cases = _find_generic(root, check_generic_modalities(modalities))
+  else:
+    cases = _find_modality_first(root) or _find_by_file_names(root, dataset)
   if not cases:
-    found = {BRATS: _find_brats(root), ISLES2015: _find_isles2015(root)}
-    if dataset == 'auto':
-      nonempty = [d for d, c in found.items() if c]
-      if len(nonempty) > 1:
-        raise DataError(f'{root}: holds both BraTS and ISLES2015 subjects; '
-                        'pass --dataset')
-      cases = found[nonempty[0]] if nonempty else []
+    if dataset == GENERIC:
+      what = (f'no <case>/<case>_<modality>.nii[.gz] files for modalities '
+              f'{",".join(modalities)}')
+    elif next(_nifti_files(root), None):
+      what = 'no BraTS or ISLES2015 layout recognised among its NIfTI files'
     else:
-      cases = found[dataset]
-  if not cases:
-    has_nifti = next(_nifti_files(root), None)
-    what = ('no BraTS or ISLES2015 layout recognised among its NIfTI files'
-            if has_nifti else 'no NIfTI (.nii/.nii.gz) files found')
+      what = 'no NIfTI (.nii/.nii.gz) files found'
     raise DataError(f'{root}: {what}')
   if dataset != 'auto' and cases[0].dataset != dataset:
     raise DataError(f'{root}: layout {cases[0].layout} is not {dataset}')

@@ -1,7 +1,7 @@
 """Raw NIfTI subjects -> normalised 2D slices in a TFDS ArrayRecord dataset.
 
 ``prepare_dataset`` is the single entry point (the CLI ``python -m data_prep``
-and the trainer both call it).  Output, written into a temporary folder beside
+and the training job both call it).  Output, written into a temporary folder beside
 ``dst`` and renamed into place only when complete:
 
   dst/manifest.json                     every choice and per-subject geometry
@@ -361,14 +361,14 @@ def _check_options(normalise, slices, geometry, image_size, workers):
     raise DataError(f'--workers {workers}: must be at least 1')
 
 
-def _discover(src, split_sources, dataset):
+def _discover(src, split_sources, dataset, modalities):
   """Cases, and the fixed split of each when sources are given per split."""
   if split_sources:
     cases, fixed = [], {}
     for split, root in split_sources.items():
       if split not in SPLITS:
         raise DataError(f'unknown split {split!r}; expected {SPLITS}')
-      for case in layouts.find_cases(root, dataset):
+      for case in layouts.find_cases(root, dataset, modalities):
         if case.subject_id in fixed:
           raise DataError(f'{case.directory}: subject {case.subject_id} '
                           f'also appears in the {fixed[case.subject_id]} '
@@ -378,10 +378,53 @@ def _discover(src, split_sources, dataset):
     return cases, fixed
   if src is None:
     raise DataError('give --src, or --train-src/--val-src/--test-src')
-  return layouts.find_cases(src, dataset), None
+  return layouts.find_cases(src, dataset, modalities), None
 
 
-def prepare_dataset(src, dst, *, dataset='auto', normalise='max',
+# The `config.data` fields that are `prepare_dataset` keywords (the training job passes them on).
+CONFIG_FIELDS = ('dataset', 'modalities', 'normalise', 'slices', 'geometry', 'image_size',
+                 'split_ratios', 'split_seed')
+
+
+def _up_to_date_report(dst, content_hash, start) -> dict | None:
+  """The report of a `dst` already prepared from the same inputs and options, else None."""
+  if not (dst / MANIFEST).is_file():
+    return None
+  previous = load_manifest(dst)
+  if previous.get('content_hash') != content_hash:
+    return None
+  return {'dst': str(dst), 'up_to_date': True, 'subjects': len(previous['subjects']),
+          'slices': sum(s['slices'] for s in previous['splits'].values()),
+          'splits': previous['splits'], 'skipped': previous['skipped'],
+          'seconds': time.perf_counter() - start, 'slices_per_second': 0.0}
+
+
+def _check_replaceable(dst, overwrite: bool) -> None:
+  """A non-empty `dst` is replaced only if it is a prepared dataset and --overwrite is set."""
+  if dst.exists() and any(dst.iterdir()):
+    if not (dst / MANIFEST).is_file():
+      raise DataError(f'{dst} is not empty and holds no prepared dataset ({MANIFEST}); '
+                      'choose another --dst (--overwrite replaces prepared datasets only)')
+    if not overwrite:
+      raise DataError(f'{dst}: was prepared from other inputs or options; pass --overwrite '
+                      'or choose another --dst')
+
+
+def _validate_cases(cases, skip_bad: bool):
+  """(headers by subject, valid cases, skipped [{subject_id, reason}])."""
+  headers, good, skipped = {}, [], []
+  for case in cases:
+    try:
+      headers[case.subject_id] = validate_headers(case)
+      good.append(case)
+    except DataError as exc:
+      if not skip_bad:
+        raise
+      skipped.append({'subject_id': case.subject_id, 'reason': str(exc)})
+  return headers, good, skipped
+
+
+def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max',
                     slices='official', geometry='resize', image_size=256,
                     split_ratios=(0.8, 0.1, 0.1), split_seed=0,
                     split_sources=None, skip_bad=False, workers=1,
@@ -393,7 +436,9 @@ def prepare_dataset(src, dst, *, dataset='auto', normalise='max',
       ``split_sources``.
     dst: output folder; must not exist, hold the same preparation (then
       nothing is done), or ``overwrite`` must be set.
-    dataset: 'auto', 'brats' or 'isles2015'.
+    dataset: 'auto', 'brats', 'isles2015' or 'generic'.
+    modalities: a generic dataset's modality names, in channel order (the
+      other datasets have theirs).
     normalise: 'max' (official), 'percentile' or 'zscore'.
     slices: 'official' (axial 78), 'range:A:B' or 'nonempty:F'.
     geometry: 'resize' (bilinear, official) or 'pad' (exactly invertible).
@@ -418,7 +463,7 @@ def prepare_dataset(src, dst, *, dataset='auto', normalise='max',
   dst = pathlib.Path(dst)
   _check_destination(dst, [src] if src is not None else list((split_sources or {}).values()))
   _check_options(normalise, slices, geometry, image_size, workers)
-  cases, fixed_splits = _discover(src, split_sources, dataset)
+  cases, fixed_splits = _discover(src, split_sources, dataset, modalities)
   modality_sets = {c.modalities for c in cases}
   if len(modality_sets) > 1:
     raise DataError('sources mix BraTS and ISLES2015 subjects')
@@ -434,31 +479,11 @@ def prepare_dataset(src, dst, *, dataset='auto', normalise='max',
       'skip_bad': bool(skip_bad),
   }
   content_hash = _fingerprint(cases, options)
-  if (dst / MANIFEST).is_file():
-    previous = load_manifest(dst)
-    if previous.get('content_hash') == content_hash:
-      return {'dst': str(dst), 'up_to_date': True,
-              'subjects': len(previous['subjects']),
-              'slices': sum(s['slices'] for s in previous['splits'].values()),
-              'splits': previous['splits'], 'skipped': previous['skipped'],
-              'seconds': time.perf_counter() - start, 'slices_per_second': 0.0}
-  if dst.exists() and any(dst.iterdir()):
-    if not (dst / MANIFEST).is_file():
-      raise DataError(f'{dst} is not empty and holds no prepared dataset ({MANIFEST}); '
-                      'choose another --dst (--overwrite replaces prepared datasets only)')
-    if not overwrite:
-      raise DataError(f'{dst}: was prepared from other inputs or options; pass --overwrite '
-                      'or choose another --dst')
-
-  headers, good, skipped = {}, [], []
-  for case in cases:
-    try:
-      headers[case.subject_id] = validate_headers(case)
-      good.append(case)
-    except DataError as exc:
-      if not skip_bad:
-        raise
-      skipped.append({'subject_id': case.subject_id, 'reason': str(exc)})
+  up_to_date = _up_to_date_report(dst, content_hash, start)
+  if up_to_date:
+    return up_to_date
+  _check_replaceable(dst, overwrite)
+  headers, good, skipped = _validate_cases(cases, skip_bad)
   if not good:
     raise DataError(f'{src}: no valid subject left to prepare')
   splits = fixed_splits or assign_splits(

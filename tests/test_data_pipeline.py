@@ -4,8 +4,10 @@ import pytest
 
 from aegan_jax import data
 from aegan_jax import modalities
+from aegan_jax import models
 from data_prep import phantom
 from data_prep import prepare
+from tests_helpers import tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -26,22 +28,20 @@ def test_batches_have_the_documented_layout(prepared):
   loader = data.make_train_loader(prepared, global_batch_size=4, seed=0,
                                   process_index=0, process_count=1)
   batch = next(iter(loader))
-  assert batch['generator_input'].shape == (4, 16, 16, 15)
-  assert batch['target'].shape == (4, 16, 16, 1)
+  assert set(batch) == {'images', 'available', 'target_index', 'example_id'}
   assert batch['images'].shape == (4, 16, 16, 4)
+  assert batch['images'].dtype == np.float32
   assert batch['target_index'].dtype == np.int32
-  assert batch['generator_input'].dtype == np.float32
-  expected = modalities.assemble_generator_input(batch['images'],
-                                                 batch['target_index'])
-  np.testing.assert_array_equal(batch['generator_input'], expected)
+  np.testing.assert_array_equal(batch['available'],
+                                modalities.all_but_target(batch['target_index'], 4))
+  # What the step builds from it, on device.
+  generator = models.build_networks(tiny_config().model, 4)[0]
+  (generator_input,), target = models.generator_batch(generator, batch)
+  np.testing.assert_array_equal(
+      generator_input,
+      modalities.assemble_generator_input(batch['images'], batch['target_index']))
   for i, t in enumerate(batch['target_index']):
-    np.testing.assert_array_equal(batch['target'][i, ..., 0],
-                                  batch['images'][i, ..., t])
-  lean = next(iter(data.make_train_loader(
-      prepared, global_batch_size=4, seed=0, process_index=0, process_count=1,
-      with_generator_input=False)))
-  assert 'generator_input' not in lean
-  np.testing.assert_array_equal(lean['target_index'], batch['target_index'])
+    np.testing.assert_array_equal(target[i, ..., 0], batch['images'][i, ..., t])
 
 
 def test_restored_state_replays_batches(prepared):

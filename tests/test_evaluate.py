@@ -12,27 +12,22 @@ from aegan_jax import checkpoints
 from aegan_jax import evaluate
 from aegan_jax import inference
 from aegan_jax import models
-from configs import brats
 from data_prep import phantom
 from data_prep import prepare
+from tests_helpers import tiny_config
 
 SHAPE = (40, 36, 24)
 
 
-def tiny_config(prepared_dir):
-  config = brats.get_config()
-  config.data.prepared_dir = str(prepared_dir)
-  config.data.image_size = 32
-  config.data.slices = 'range:4:20'
-  config.model.ngf = 8
-  config.model.num_blocks = 1
-  return config
+def eval_config(prepared_dir):
+  return tiny_config(num_blocks=1, **{'data.prepared_dir': str(prepared_dir),
+                                       'data.image_size': 32, 'data.slices': 'range:4:20'})
 
 
 def random_variables(config, seed=0):
   generator, _ = models.build_networks(config.model, 4)
-  return generator.init({'params': jax.random.PRNGKey(seed)}, np.zeros((1, 32, 32, 15)),
-                        train=False)
+  return generator.init({'params': jax.random.PRNGKey(seed)},
+                        *models.example_inputs(generator, 32), train=False)
 
 
 @pytest.fixture(scope='module')
@@ -46,7 +41,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def report(dataset):
-  config = tiny_config(dataset / 'prepared')
+  config = eval_config(dataset / 'prepared')
   checkpoints.save_networks(dataset / 'work', 7, config, random_variables(config))
   return evaluate.evaluate(config, dataset / 'work', batch_size=6, log=lambda *a: None)
 
@@ -73,6 +68,34 @@ def test_writes_json_csv_markdown_and_grids(dataset, report):
     assert f'| {target} | copy {source} |' in markdown
   grid = Image.open(out / 'grid_t1ce.png')
   assert grid.width == 6 * 128 and grid.height > 3 * 128
+
+
+def test_an_any_set_checkpoint_reports_every_cell(dataset, tmp_path):
+  config = eval_config(dataset / 'prepared')
+  config.model.generator = 'any'
+  checkpoints.save_networks(tmp_path, 3, config, random_variables(config))
+  report = evaluate.evaluate(config, tmp_path, batch_size=6, log=lambda *a: None)
+  cells = report['scenarios']
+  assert len(cells) == 28
+  assert len({(tuple(c['available']), c['target']) for c in cells}) == 28
+  for cell in cells:
+    assert cell['target'] not in cell['available'] and cell['available']
+    assert set(cell['model']) == set(cell['baseline']) == set(evaluate.PROTOCOLS)
+    assert np.isfinite(cell['model']['aegan']['psnr']['mean'])
+    assert cell['baseline']['aegan']['psnr']['n'] == 2
+  # The paper's scenario is the summary, as for the official generator.
+  full = [c for c in cells if len(c['available']) == 3]
+  for cell in full:
+    assert (cell['model']['aegan']['psnr'] ==
+            report['summary']['model']['aegan'][cell['target']]['psnr'])
+  stored = json.loads((tmp_path / 'eval' / '3' / 'metrics.json').read_text())
+  assert stored['scenarios'][0]['available'] == ['t1', 't1ce', 't2']
+  with open(tmp_path / 'eval' / '3' / 'metrics.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2 * 3 * 28 * 2 and rows[0]['available'] == 't1+t1ce+t2'
+  markdown = (tmp_path / 'eval' / '3' / 'metrics.md').read_text()
+  assert '| inputs | t1 | t1ce | t2 | flair |' in markdown
+  assert '| t1 + t2 |' in markdown
 
 
 def test_summary_values_are_sane(report):
@@ -125,7 +148,7 @@ def test_without_source_files_and_with_an_empty_split(dataset, tmp_path):
   prepare.prepare_dataset(tmp_path / 'raw', tmp_path / 'prepared', image_size=32,
                           slices='range:10:14', split_ratios=(1.0, 0.0, 0.0), progress=False)
   shutil.rmtree(tmp_path / 'raw')
-  config = tiny_config(tmp_path / 'prepared')
+  config = eval_config(tmp_path / 'prepared')
   config.data.slices = 'range:10:14'
   config.eval.official_test_mode = True  # --config.eval.official_test_mode=True
   messages = []
@@ -144,7 +167,7 @@ def test_without_source_files_and_with_an_empty_split(dataset, tmp_path):
 def test_restore_on_a_different_device_count_matches(dataset, report):
   # The checkpoint was written from host arrays; restoring onto a one-device mesh
   # (instead of the 4 test devices) gives the same synthesis.
-  config = tiny_config(dataset / 'prepared')
+  config = eval_config(dataset / 'prepared')
   four = inference.Synthesizer.restore(dataset / 'work', config=config, batch_size=4)
   one_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   one = inference.Synthesizer(four.generator, jax.device_get(four.variables), config,

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from aegan_jax import checkpoints
+from aegan_jax import cli
 from aegan_jax import data
-from aegan_jax import launcher
+from aegan_jax import job
 from aegan_jax import samples
-from aegan_jax import trainer
 from configs import demo
 from tests_helpers import assert_states_equal, launch_config, restored_state
 
@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path, capsys):
   config = launch_config(prepared, num_steps=3)
   config.train.evaluate_at_end = True
-  state = trainer.train_and_evaluate(config, tmp_path)
+  state = job.train_and_evaluate(config, tmp_path)
   assert int(state.step) == 3
   manager = checkpoints.make_manager(tmp_path)
   assert manager.all_steps() == [2, 3]  # every 2 steps, and at the end
@@ -34,14 +34,14 @@ def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path, capsys):
   for name in ('metrics.json', 'metrics.csv', 'metrics.md'):
     assert (tmp_path / 'eval' / '3' / name).exists()
   # --mode=evaluate restores an earlier step by itself.
-  assert launcher.run(config, tmp_path, mode='evaluate', step=2) == 0
+  assert cli.run(config, tmp_path, mode='evaluate', step=2) == 0
   assert (tmp_path / 'eval' / '2' / 'metrics.json').exists()
   # An output folder that cannot be made fails before any subject is evaluated (a file in
   # its place: unlike chmod, this fails as root too).
   shutil.rmtree(tmp_path / 'eval' / '2')
   (tmp_path / 'eval' / '2').write_text('x')
   capsys.readouterr()
-  assert launcher.run(config, tmp_path, mode='evaluate', step=2) == 2
+  assert cli.run(config, tmp_path, mode='evaluate', step=2) == 2
   captured = capsys.readouterr()
   assert captured.err.startswith(f'error: {tmp_path / "eval" / "2"}: cannot write')
   assert captured.err.count('\n') == 1 and '[1/' not in captured.out
@@ -55,31 +55,31 @@ def test_resume_equals_continuous(prepared, tmp_path, norm):
     c = launch_config(prepared, num_steps=num_steps)
     c.model.norm = norm  # instance norm: no running statistics at all (the demo's choice)
     return c
-  straight = trainer.train_and_evaluate(config(4), tmp_path / 'a')
-  trainer.train_and_evaluate(config(2), tmp_path / 'b')
-  resumed = trainer.train_and_evaluate(config(4), tmp_path / 'b')
+  straight = job.train_and_evaluate(config(4), tmp_path / 'a')
+  job.train_and_evaluate(config(2), tmp_path / 'b')
+  resumed = job.train_and_evaluate(config(4), tmp_path / 'b')
   assert_states_equal(straight, resumed)
-  assert launcher.run(config(4), tmp_path / 'b', mode='evaluate') == 0  # generator alone
+  assert cli.run(config(4), tmp_path / 'b', mode='evaluate') == 0  # generator alone
   assert (tmp_path / 'b' / 'eval' / '4' / 'metrics.json').exists()
 
 
 def test_bad_config_values_give_one_line_errors(prepared, tmp_path, capsys):
   config = launch_config(prepared, num_steps=1)
   config.train.global_batch_size = 6  # 4 simulated devices
-  assert launcher.run(config, tmp_path / 'a') == 2
+  assert cli.run(config, tmp_path / 'a') == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error: config.train.global_batch_size=6') and '\n' not in err
   config = launch_config(prepared, num_steps=1)
   config.model.norm = 'group'
-  assert launcher.run(config, tmp_path / 'b') == 2
+  assert cli.run(config, tmp_path / 'b') == 2
   assert "config.model.norm='group'" in capsys.readouterr().err
 
 
 def test_incompatible_checkpoint_is_a_clear_error(prepared, tmp_path, capsys):
-  trainer.train_and_evaluate(launch_config(prepared, num_steps=1), tmp_path)
+  job.train_and_evaluate(launch_config(prepared, num_steps=1), tmp_path)
   config = launch_config(prepared, num_steps=2)
   config.model.ngf = 16
-  assert launcher.run(config, tmp_path) == 2
+  assert cli.run(config, tmp_path) == 2
   assert 'trained with model.ngf=8 but the config has 16' in capsys.readouterr().err
 
 
@@ -113,17 +113,17 @@ def test_sigterm_saves_a_second_launch_is_refused_and_resume_matches(prepared, t
   stopped_at = checkpoints.make_manager(tmp_path / 'run').latest_step()
   assert 2 <= stopped_at < steps
   config = launch_config(prepared, num_steps=steps, checkpoint_every=1000, sample_every=1000)
-  resumed = trainer.train_and_evaluate(config, tmp_path / 'run')
-  straight = trainer.train_and_evaluate(config, tmp_path / 'straight')
+  resumed = job.train_and_evaluate(config, tmp_path / 'run')
+  straight = job.train_and_evaluate(config, tmp_path / 'straight')
   assert_states_equal(straight, resumed)
 
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(
     prepared, tmp_path, capsys):
-  trainer.train_and_evaluate(launch_config(prepared, num_steps=2), tmp_path)
+  job.train_and_evaluate(launch_config(prepared, num_steps=2), tmp_path)
   config = launch_config(prepared, num_steps=5, checkpoint_every=1)
   config.optim.learning_rate = 1e38  # The next update overflows the weights.
-  assert launcher.run(config, tmp_path) == 1
+  assert cli.run(config, tmp_path) == 1
   err = capsys.readouterr().err
   assert err.startswith('error: step 3: loss_') and ('nan' in err or 'inf' in err), err
   assert checkpoints.make_manager(tmp_path).all_steps() == [2]
@@ -138,7 +138,7 @@ def test_demo_data_is_generated_whole_then_prepared(tmp_path):
   config.data.split_ratios = (0.34, 0.33, 0.33)
   (tmp_path / 'raw.partial').mkdir()  # left by an interrupted run: started afresh
   (tmp_path / 'raw.partial' / 'junk').write_text('x')
-  prepared = trainer.ensure_prepared(config, tmp_path)
+  prepared = job.ensure_prepared(config, tmp_path)
   assert sorted(p.name for p in (tmp_path / 'raw').iterdir()) == [
       'BraTS20_Training_001', 'BraTS20_Training_002', 'BraTS20_Training_003']
   assert not (tmp_path / 'raw.partial').exists()
@@ -149,7 +149,7 @@ def test_demo_data_is_generated_whole_then_prepared(tmp_path):
 def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monkeypatch, capsys,
                                                        phase):
   """A signal that lands while metrics are fetched or samples written must not skip the save."""
-  target = (trainer, '_log_metrics') if phase == 'log' else (samples.SampleWriter, 'write')
+  target = (job, '_log_metrics') if phase == 'log' else (samples.SampleWriter, 'write')
   original = getattr(*target)
 
   def signalling(*args, **kwargs):
@@ -158,7 +158,7 @@ def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monke
 
   monkeypatch.setattr(*target, signalling)
   config = launch_config(prepared, num_steps=5, checkpoint_every=1000, sample_every=2)
-  state = trainer.train_and_evaluate(config, tmp_path)
+  state = job.train_and_evaluate(config, tmp_path)
   stopped_at = 1 if phase == 'log' else 2
   assert int(state.step) == stopped_at
   assert checkpoints.make_manager(tmp_path).all_steps() == [stopped_at]
@@ -176,7 +176,7 @@ def test_bad_field_values_are_one_line_errors(prepared, tmp_path, capsys, field,
   config = launch_config(prepared, num_steps=1)
   group, name = field.split('.')
   config[group][name] = value
-  assert launcher.run(config, tmp_path) == 2
+  assert cli.run(config, tmp_path) == 2
   err = capsys.readouterr().err
   assert err.startswith(f'error: config.{field}={value!r}') and err.count('\n') == 1, err
   assert not (tmp_path / 'checkpoints').exists()
@@ -187,7 +187,7 @@ def test_one_run_per_workdir(prepared, tmp_path, capsys):
   lock = tmp_path / workdir_lock.LOCK_NAME
   # Held by a live process (this one): refused, naming it.
   assert workdir_lock.acquire(tmp_path) == lock
-  assert launcher.run(launch_config(prepared, num_steps=1), tmp_path) == 2
+  assert cli.run(launch_config(prepared, num_steps=1), tmp_path) == 2
   err = capsys.readouterr().err
   assert f'is in use by PID {os.getpid()}' in err and err.count('\n') == 1
   assert not (tmp_path / 'checkpoints').exists()
@@ -195,7 +195,7 @@ def test_one_run_per_workdir(prepared, tmp_path, capsys):
   dead = subprocess.Popen([sys.executable, '-c', 'pass'])
   dead.wait()
   lock.write_text(f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}", "started": "x"}}')
-  assert launcher.run(launch_config(prepared, num_steps=1), tmp_path) == 0
+  assert cli.run(launch_config(prepared, num_steps=1), tmp_path) == 0
   assert f'taking over {lock} from PID {dead.pid}' in capsys.readouterr().err
   assert not lock.exists()
 
@@ -203,7 +203,7 @@ def test_one_run_per_workdir(prepared, tmp_path, capsys):
 def test_workdir_that_is_a_file_is_a_one_line_error(prepared, tmp_path, capsys):
   workdir = tmp_path / 'w'
   workdir.write_text('x')
-  assert launcher.run(launch_config(prepared, num_steps=1), workdir) == 2
+  assert cli.run(launch_config(prepared, num_steps=1), workdir) == 2
   err = capsys.readouterr().err
   assert err.startswith(f'error: --workdir {workdir}') and err.count('\n') == 1, err
   assert workdir.read_text() == 'x'
@@ -218,19 +218,19 @@ def test_unknown_config_field_is_one_line(tmp_path):
 
 
 def test_damaged_latest_checkpoint_names_the_step_and_step_falls_back(prepared, tmp_path, capsys):
-  trainer.train_and_evaluate(launch_config(prepared, num_steps=4), tmp_path)
+  job.train_and_evaluate(launch_config(prepared, num_steps=4), tmp_path)
   damaged = tmp_path / 'checkpoints' / '4'
   for path in damaged.rglob('*'):
     if path.is_file() and path.stat().st_size > 0:
       path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-  assert launcher.run(launch_config(prepared, num_steps=6), tmp_path) == 2
+  assert cli.run(launch_config(prepared, num_steps=6), tmp_path) == 2
   err = capsys.readouterr().err
   assert err.startswith(f'error: {damaged}: damaged checkpoint of step 4') and err.count('\n') == 1
   assert 'add --step=2 to resume from step 2' in err
-  assert launcher.run(launch_config(prepared, num_steps=6), tmp_path, step=3) == 2
+  assert cli.run(launch_config(prepared, num_steps=6), tmp_path, step=3) == 2
   assert capsys.readouterr().err == (f'error: --step 3: no checkpoint of step 3 in '
                                      f'{damaged.parent} (there: [2, 4])\n')
-  assert launcher.run(launch_config(prepared, num_steps=6), tmp_path, step=2) == 0
+  assert cli.run(launch_config(prepared, num_steps=6), tmp_path, step=2) == 0
   assert 'resuming from step 2' in capsys.readouterr().out
   assert (tmp_path / 'checkpoints_set_aside' / '4').is_dir()  # Moved, not deleted.
   assert sorted(p.name for p in damaged.parent.iterdir() if p.name.isdigit()) == ['2', '4', '6']
@@ -247,7 +247,7 @@ def test_damaged_prepared_dataset_names_the_file_and_the_fix(prepared, tmp_path,
     shard.unlink()
   else:
     (copy / 'manifest.json').write_text((copy / 'manifest.json').read_text()[:100])
-  assert launcher.run(launch_config(copy, num_steps=1), tmp_path / 'run') == 2
+  assert cli.run(launch_config(copy, num_steps=1), tmp_path / 'run') == 2
   err = capsys.readouterr().err
   named = copy / 'manifest.json' if damage == 'manifest' else (
       shard if damage == 'truncate' else shard.parent)

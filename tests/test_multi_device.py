@@ -55,11 +55,10 @@ def assert_losses_close(one, other, rtol):
 
 def eval_output(config, state, size):
   trainer = train.make_trainer(config, 4)
-  batch = phantom_image_batch(size, 4, 7)
-  generator_input, _ = models.generator_batch(jnp.asarray(batch['images']),
-                                              jnp.asarray(batch['target_index']))
+  batch = jax.tree.map(jnp.asarray, phantom_image_batch(size, 4, 7))
+  inputs, _ = models.generator_batch(trainer.generator, batch)
   variables = jax.device_get(state.generator.variables())
-  return np.asarray(trainer.generator.apply(variables, generator_input, train=False))
+  return np.asarray(trainer.generator.apply(variables, *inputs, train=False))
 
 
 @pytest.mark.parametrize('norm,size', [('batch', 32), ('instance', 64)])
@@ -86,7 +85,7 @@ def test_float32_forward_is_bitwise_and_autoencoder_gradient_agrees():
     mesh = parallel.make_mesh(jax.devices()[:n])
     forward = jax.jit(
         lambda v, b: trainer.generator.apply(
-            v, models.generator_batch(b['images'], b['target_index'])[0], train=True,
+            v, *models.generator_batch(trainer.generator, b)[0], train=True,
             return_features=True,
             rngs={'dropout': jax.random.PRNGKey(1)}, mutable=['batch_stats']),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))

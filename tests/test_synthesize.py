@@ -10,34 +10,29 @@ from aegan_jax import checkpoints
 from aegan_jax import inference
 from aegan_jax import models
 from aegan_jax import synthesize
-from configs import brats
 from data_prep import phantom
+from tests_helpers import tiny_config
 
 SHAPE = (40, 36, 24)
 
 
-def tiny_config(geometry='resize', image_size=32):
-  config = brats.get_config()
-  config.data.image_size = image_size
-  config.data.geometry = geometry
-  config.data.slices = 'range:8:16'
-  config.model.ngf = 8
-  config.model.num_blocks = 1
-  return config
+def synthesis_config(geometry='resize', image_size=32):
+  return tiny_config(num_blocks=1, **{'data.image_size': image_size, 'data.geometry': geometry,
+                                      'data.slices': 'range:8:16'})
 
 
 def write_checkpoint(workdir, config, step=1):
   generator, _ = models.build_networks(config.model, len(config.data.modalities))
   size = config.data.image_size
-  variables = generator.init({'params': jax.random.PRNGKey(0)}, np.zeros((1, size, size, 15)),
-                             train=False)
+  variables = generator.init({'params': jax.random.PRNGKey(0)},
+                             *models.example_inputs(generator, size), train=False)
   checkpoints.save_networks(workdir, step, config, variables)
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   path = tmp_path_factory.mktemp('work')
-  write_checkpoint(path, tiny_config())
+  write_checkpoint(path, synthesis_config())
   return path
 
 
@@ -85,9 +80,47 @@ def test_missing_modality_is_written_on_the_input_grid(workdir, raw, tmp_path, c
       'BraTS20_Training_001_t1ce.nii.gz', 'BraTS20_Training_002_t1ce.nii.gz']
 
 
+def test_an_any_set_model_fills_every_missing_modality_from_the_present_ones(raw, tmp_path):
+  workdir = tmp_path / 'work'
+  config = synthesis_config()
+  config.model.generator = 'any'
+  write_checkpoint(workdir, config)
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t1ce', 'flair'], 1: ['t1', 't2', 'flair']})
+  assert run('--workdir', workdir, '--input', cases, '--output', tmp_path / 'out') == 0
+  written = sorted(p.relative_to(tmp_path / 'out').as_posix()
+                   for p in (tmp_path / 'out').rglob('*.nii.gz'))
+  assert written == ['BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz',
+                     'BraTS20_Training_001/BraTS20_Training_001_t1ce.nii.gz',
+                     'BraTS20_Training_002/BraTS20_Training_002_flair.nii.gz',
+                     'BraTS20_Training_002/BraTS20_Training_002_t1.nii.gz',
+                     'BraTS20_Training_002/BraTS20_Training_002_t2.nii.gz']
+  for path in (tmp_path / 'out').rglob('*.nii.gz'):
+    volume = np.asarray(nib.load(path).dataobj)
+    assert volume.shape == SHAPE and np.isfinite(volume).all() and volume.std() > 0
+  # Conditioned on the real inputs only: the same case with a synthetic FLAIR added
+  # as if acquired gives a different T1ce.
+  case = cases / 'BraTS20_Training_001'
+  shutil.copy(tmp_path / 'out' / case.name / f'{case.name}_flair.nii.gz', case)
+  assert run('--workdir', workdir, '--input', case, '--output', tmp_path / 'again') == 0
+  first, second = (np.asarray(nib.load(folder / case.name / f'{case.name}_t1ce.nii.gz').dataobj)
+                   for folder in (tmp_path / 'out', tmp_path / 'again'))
+  assert not np.array_equal(first, second)
+
+
+def test_a_case_without_any_input_is_a_clear_error(raw, tmp_path, capsys):
+  workdir = tmp_path / 'work'
+  config = synthesis_config()
+  config.model.generator = 'any'
+  write_checkpoint(workdir, config)
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t1', 't1ce', 't2', 'flair']})
+  assert run('--workdir', workdir, '--input', cases / 'BraTS20_Training_001',
+             '--output', tmp_path / 'out') == 2
+  assert 'at least one input is needed' in capsys.readouterr().err
+
+
 def test_one_case_folder_with_pad_geometry_and_brasyn_names(raw, tmp_path):
   workdir = tmp_path / 'work'
-  write_checkpoint(workdir, tiny_config(geometry='pad', image_size=48), step=3)
+  write_checkpoint(workdir, synthesis_config(geometry='pad', image_size=48), step=3)
   cases = copy_cases(raw, tmp_path / 'in', drop={0: ['flair']})
   case = cases / 'BraTS20_Training_001'
   assert run('--workdir', workdir, '--input', case, '--output', tmp_path / 'out',
@@ -159,7 +192,7 @@ def test_truncated_voxels_leave_no_partial_file(workdir, raw, tmp_path, capsys):
 
 
 def test_synthesizer_pads_batches_and_matches_direct_apply():
-  config = tiny_config()
+  config = synthesis_config()
   generator, _ = models.build_networks(config.model, 4)
   variables = generator.init({'params': jax.random.PRNGKey(1)}, np.zeros((1, 32, 32, 15)),
                              train=False)
@@ -174,7 +207,7 @@ def test_synthesizer_pads_batches_and_matches_direct_apply():
 
 
 def official_mode_synthesizer(norm, use_dropout):
-  config = tiny_config()
+  config = synthesis_config()
   config.model.norm, config.model.use_dropout = norm, use_dropout
   generator, _ = models.build_networks(config.model, 4)
   variables = generator.init({'params': jax.random.PRNGKey(1)}, np.zeros((1, 32, 32, 15)),
@@ -260,7 +293,8 @@ def test_slices_without_brain_skip_the_generator_and_change_nothing(workdir, off
   brain = np.zeros((20, 20, 6), bool)
   brain[5:15, 5:15, [1, 2, 4]] = True  # slices 0, 3 and 5 hold no brain
   seen = []
-  counting = lambda x, t, positions=None: seen.append(len(x)) or synthesizer(x, t, positions)
+  counting = lambda x, t, positions=None, available=None: (
+      seen.append(len(x)) or synthesizer(x, t, positions, available))
   counting.config = synthesizer.config
   skipped = synthesize.synthesize_brain_slices(counting, images, 't2', brain)
   assert seen == [3]

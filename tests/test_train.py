@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from aegan_jax import losses
+from aegan_jax import modalities
 from aegan_jax import models
 from aegan_jax import train
 from tests_helpers import tiny_config
@@ -18,7 +19,8 @@ def tiny_batch(seed=0, n=2):
   rng = np.random.default_rng(seed)
   images = np.tanh(rng.normal(size=(n, SIZE, SIZE, 4))).astype(np.float32)
   targets = np.array([3, 1, 0, 2][:n])
-  return {'images': images, 'target_index': targets}
+  return {'images': images, 'target_index': targets,
+          'available': modalities.all_but_target(targets, 4)}
 
 
 def smooth_batch(n=2):
@@ -31,7 +33,8 @@ def smooth_batch(n=2):
                             np.tanh(base ** 2 - 0.3)], axis=-1))
   images = np.asarray(images, np.float32)
   targets = np.array([3, 1, 0, 2][:n])
-  return {'images': images, 'target_index': targets}
+  return {'images': images, 'target_index': targets,
+          'available': modalities.all_but_target(targets, 4)}
 
 
 def make(config, seed=0):
@@ -45,7 +48,7 @@ def official_order_step(trainer, state, batch):
   """The official iteration written out naively: four AE passes in the D step, G run again
   for its loss.  Valid as a reference with dropout off (no masks to match)."""
   ae_apply, g_apply = trainer.autoencoder.apply, trainer.generator.apply
-  x, target = models.generator_batch(batch['images'], batch['target_index'])
+  (x,), target = models.generator_batch(trainer.generator, batch)
   g, ae = state.generator, state.autoencoder
   (synth, feats), g_state = g_apply(g.variables(), x, train=True, return_features=True,
                                     mutable=['batch_stats'])

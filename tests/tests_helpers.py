@@ -3,6 +3,7 @@ import jax
 import numpy as np
 
 from aegan_jax import checkpoints
+from aegan_jax import modalities
 from aegan_jax import train
 from configs import brats
 from configs import demo
@@ -35,8 +36,9 @@ def phantom_image_batch(size=SIZE, n=4, seed=0):
     slices.append(np.stack(
         [preprocess.volume_to_slices(preprocess.normalise_volume(subject['volumes'][m])[0], [8],
                                      image_size=size)[0] for m in phantom.MODALITIES], -1))
-  return {'images': np.stack(slices).astype(np.float32),
-          'target_index': (np.arange(n) + seed) % 4}
+  targets = (np.arange(n) + seed) % 4
+  return {'images': np.stack(slices).astype(np.float32), 'target_index': targets,
+          'available': modalities.all_but_target(targets, 4)}
 
 
 def launch_config(prepared_dir, **train_fields):

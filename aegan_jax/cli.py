@@ -5,7 +5,7 @@ import sys
 
 from aegan_jax import checkpoints
 from aegan_jax import parallel
-from aegan_jax import trainer
+from aegan_jax import job
 
 
 def run(config, workdir, *, mode='train', step=None, coordinator_address=None,
@@ -16,15 +16,15 @@ def run(config, workdir, *, mode='train', step=None, coordinator_address=None,
   from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top
   try:
     if mode == 'train':
-      trainer.train_and_evaluate(config, workdir, step=step)
+      job.train_and_evaluate(config, workdir, step=step)
     else:
-      trainer.validate_config(config)
+      job.validate_config(config)
       evaluate.evaluate(config, workdir, step=step)
-  except (trainer.ConfigError, checkpoints.CheckpointError, evaluate.EvaluationError,
+  except (job.ConfigError, checkpoints.CheckpointError, evaluate.EvaluationError,
           DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  except trainer.TrainingDiverged as e:
+  except job.TrainingDiverged as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   return 0

@@ -59,8 +59,11 @@ def validate_config(config) -> None:
       # Below 16 px the discriminator's patch-logit map is empty and the GAN loss NaN.
       ('data.image_size', config.data.image_size % 4 == 0 and config.data.image_size >= 16,
        'must be a multiple of 4, at least 16'),
-      ('data.targets', len(config.data.targets) > 0 and all(
-          0 <= t < len(config.data.modalities) for t in config.data.targets),
+      ('data.scenarios', config.data.scenarios in data.SCENARIOS,
+       f'must be one of {data.SCENARIOS}'),
+      ('data.curriculum_stage_examples', config.data.curriculum_stage_examples > 0,
+       'must be positive'),
+      ('data.targets', all(0 <= t < len(config.data.modalities) for t in config.data.targets),
        f'must index data.modalities {tuple(config.data.modalities)}'),
   ]
   for field, ok, requirement in checks:
@@ -118,11 +121,8 @@ def _prepare(config, workdir, prepared: pathlib.Path) -> None:
   raw = _raw_dir(config, workdir)
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
   log(f'preparing {raw} -> {prepared}')
-  prepare.prepare_dataset(
-      raw, prepared, dataset=config.data.dataset, normalise=config.data.normalise,
-      slices=config.data.slices, geometry=config.data.geometry,
-      image_size=config.data.image_size, split_ratios=tuple(config.data.split_ratios),
-      split_seed=config.data.split_seed, workers=2)
+  options = {name: config.data[name] for name in prepare.CONFIG_FIELDS}
+  prepare.prepare_dataset(raw, prepared, workers=2, **options)
 
 
 def _broadcast_text(text: str, size: int = 2048) -> str:
@@ -346,8 +346,9 @@ def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
   iterator = iter(data.make_train_loader(
       prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
       targets=tuple(config.data.targets), flip=config.data.flip,
-      random_crop=config.data.random_crop, worker_count=config.data.worker_count,
-      with_generator_input=False))
+      random_crop=config.data.random_crop, scenarios=config.data.scenarios,
+      curriculum_stage_examples=config.data.curriculum_stage_examples,
+      worker_count=config.data.worker_count))
   manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
   state = _maybe_resume(manager, state, iterator, config, workdir)
   step_fn = parallel.sharded_train_step(trainer, mesh)

@@ -1,0 +1,132 @@
+"""The any-set generator (config.model.generator='any') and its training scenarios."""
+import functools
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from aegan_jax import data
+from aegan_jax import models
+from aegan_jax import train
+from tests_helpers import phantom_image_batch, tiny_config
+
+SIZE = 32
+
+
+def any_config(**fields):
+  return tiny_config(**{'model.generator': 'any', 'data.scenarios': 'any', **fields})
+
+
+def init(generator, seed=0):
+  return generator.init({'params': jax.random.PRNGKey(seed)},
+                        *models.example_inputs(generator, SIZE), train=False)
+
+
+def count(tree):
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def test_parameters_grow_only_by_the_embeddings():
+  four, five = (models.build_networks(any_config().model, m)[0] for m in (4, 5))
+  p4 = jax.eval_shape(lambda: init(four))['params']
+  p5 = jax.eval_shape(lambda: init(five))['params']
+  bottleneck = 4 * 8  # 4 * ngf channels carry the slot and target embeddings
+  assert count(p5) - count(p4) == 4 * bottleneck  # slot and target, scale and shift
+  assert set(p4) == set(p5)
+
+
+@pytest.mark.parametrize('norm,train_mode', [('batch', True), ('batch', False),
+                                             ('instance', True)])
+def test_absent_inputs_cannot_influence_the_output(norm, train_mode):
+  generator = models.build_networks(any_config(**{'model.norm': norm}).model, 4)[0]
+  variables = init(generator)
+  batch = phantom_image_batch(SIZE, 4, 0)
+  available = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1]], bool)
+  target = np.array([3, 0, 3, 1])
+  noise = np.random.default_rng(1).normal(size=batch['images'].shape).astype(np.float32)
+  scrambled = np.where(available[:, None, None, :], batch['images'], 5 * noise)
+
+  @jax.jit
+  def run(images):
+    out, _ = generator.apply(variables, images, available, target, train=train_mode,
+                             rngs={'dropout': jax.random.PRNGKey(2)}, mutable=['batch_stats'])
+    return out
+
+  np.testing.assert_array_equal(run(batch['images']), run(scrambled))
+  # ... while an available input does change it.
+  changed = np.where(available[:, None, None, :], 5 * noise, batch['images'])
+  reference = run(batch['images'])
+  assert np.abs(reference - run(changed)).max() > 0.1 * np.abs(reference).max()
+
+
+def test_one_program_serves_every_subset():
+  generator = models.build_networks(any_config().model, 4)[0]
+  variables = init(generator)
+  # The embeddings start at zero; as training would, give them values.
+  keys = iter(jax.random.split(jax.random.PRNGKey(3), 4))
+  params = {**variables['params'], **{
+      name: 0.5 * jax.random.normal(next(keys), variables['params'][name].shape)
+      for name in ('slot_scale', 'slot_shift', 'target_scale', 'target_shift')}}
+  variables = {**variables, 'params': params}
+  images = phantom_image_batch(SIZE, 1, 0)['images']
+  apply = jax.jit(functools.partial(generator.apply, train=False))
+  outputs = set()
+  for target in range(4):
+    others = [m for m in range(4) if m != target]
+    for k in (1, 2, 3):
+      for subset in itertools.combinations(others, k):
+        available = np.isin(np.arange(4), subset)[None]
+        out = apply(variables, images, available, np.array([target]))
+        outputs.add(np.asarray(out).tobytes())
+  assert apply._cache_size() == 1
+  assert len(outputs) == 28  # every (set, target) cell gives its own synthesis
+
+
+def test_the_pipeline_samples_every_pair_uniformly(prepared):
+  loader = data.make_train_loader(prepared, global_batch_size=8, seed=0, scenarios='any',
+                                  process_index=0, process_count=1)
+  counts = {}
+  for _, batch in zip(range(60), loader):
+    for available, target in zip(batch['available'], batch['target_index']):
+      assert available.any() and not available[target]
+      key = (tuple(np.flatnonzero(available)), int(target))
+      counts[key] = counts.get(key, 0) + 1
+  assert len(counts) == 28
+  assert min(counts.values()) > 0.4 * 480 / 28
+
+
+def test_the_curriculum_removes_inputs_stage_by_stage_and_replays(prepared):
+  loader = data.make_train_loader(prepared, global_batch_size=8, seed=0, scenarios='curriculum',
+                                  curriculum_stage_examples=16, process_index=0,
+                                  process_count=1)
+  iterator = iter(loader)
+  batches = [next(iterator) for _ in range(12)]
+  inputs = [b['available'].sum(axis=1) for b in batches]
+  for stage, fewest in enumerate((3, 2, 1)):
+    seen = np.concatenate(inputs[2 * stage:2 * stage + 2])
+    assert seen.min() >= fewest
+  assert set(np.concatenate(inputs[6:])) == {1, 2, 3}
+  for batch in batches:
+    assert not batch['available'][np.arange(8), batch['target_index']].any()
+  state = iter(loader)
+  for _ in range(5):
+    next(state)
+  resumed = iter(loader)
+  resumed.set_state(state.get_state())
+  np.testing.assert_array_equal(next(resumed)['available'], batches[5]['available'])
+
+
+def test_training_iterations_run_and_learn():
+  config = any_config()
+  trainer = train.make_trainer(config, 4)
+  state = train.init_state(trainer, jax.random.PRNGKey(0), SIZE)
+  step = jax.jit(functools.partial(train.train_step, trainer=trainer))
+  batch = phantom_image_batch(SIZE, 4, 0)
+  batch['available'] = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1], [0, 0, 1, 0]], bool)
+  batch['target_index'] = np.array([3, 0, 2, 1])
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss_G_L1']))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
