@@ -116,6 +116,9 @@ class Augment(grain.transforms.RandomMap):
 
 
 SCENARIOS = ('single', 'any', 'curriculum')
+# The `config.data` fields that are `make_loader` keywords (the training job passes them on).
+LOADER_FIELDS = ('targets', 'flip', 'random_crop', 'scenarios', 'curriculum_stage_examples',
+                 'worker_count')
 
 
 def scenario_pairs(targets, num_modalities: int) -> list[tuple[int, np.ndarray]]:

@@ -345,10 +345,7 @@ def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
       mesh)
   iterator = iter(data.make_train_loader(
       prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-      targets=tuple(config.data.targets), flip=config.data.flip,
-      random_crop=config.data.random_crop, scenarios=config.data.scenarios,
-      curriculum_stage_examples=config.data.curriculum_stage_examples,
-      worker_count=config.data.worker_count))
+      **{name: config.data[name] for name in data.LOADER_FIELDS}))
   manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
   state = _maybe_resume(manager, state, iterator, config, workdir)
   step_fn = parallel.sharded_train_step(trainer, mesh)
