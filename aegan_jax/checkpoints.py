@@ -54,9 +54,12 @@ def make_manager(workdir, *, max_to_keep: int | None = None, create: bool = True
 
 
 def config_fields(config, fields=ARCHITECTURE_FIELDS) -> dict[str, Any]:
+  """The fields' values; a field that a config stored by an older version lacks is left out."""
   values = {}
   for field in fields:
     group, name = field.split('.')
+    if name not in config[group]:
+      continue
     value = config[group][name]
     values[field] = list(value) if isinstance(value, tuple) else value
   return values

@@ -113,8 +113,10 @@ class Synthesizer:
     targets = np.broadcast_to(np.asarray(target_index, np.int32), (n,))
     if available is None:
       available = modalities_lib.all_but_target(targets, m)
-    columns = {'images': images, 'targets': targets,
-               'available': np.broadcast_to(np.asarray(available, bool), (n, m)),
+    available = np.broadcast_to(np.asarray(available, bool), (n, m))
+    if available[np.arange(n), targets].any() or not available.any(axis=1).all():
+      raise ValueError('available must leave out the target and hold at least one input')
+    columns = {'images': images, 'targets': targets, 'available': available,
                'positions': np.arange(n) if positions is None else np.asarray(positions)}
     columns['positions'] = columns['positions'].astype(np.int32)
     outputs, pads = [], []

@@ -61,6 +61,10 @@ def validate_config(config) -> None:
        'must be a multiple of 4, at least 16'),
       ('data.scenarios', config.data.scenarios in data.SCENARIOS,
        f'must be one of {data.SCENARIOS}'),
+      ('data.scenarios', config.data.scenarios == 'single' or
+       config.model.get('generator', 'official') == 'any',
+       "needs config.model.generator='any' (the official generator takes every other "
+       'modality as input)'),
       ('data.curriculum_stage_examples', config.data.curriculum_stage_examples > 0,
        'must be positive'),
       ('data.targets', all(0 <= t < len(config.data.modalities) for t in config.data.targets),

@@ -104,8 +104,11 @@ class AnySetGenerator(Network):
   def __call__(self, images, available, target_index, *, train: bool,
                return_features: bool = False):
     check_image_size(images.shape[1], images.shape[2])
-    make = layers.layer_factory(self.norm, self.dtype, self.param_dtype)
     n, m = images.shape[0], self.num_modalities
+    if images.shape[-1] != m or available.shape != (n, m):
+      raise ValueError(f'any-set generator: images {images.shape} and available '
+                       f'{available.shape} must hold the {m} modalities')
+    make = layers.layer_factory(self.norm, self.dtype, self.param_dtype)
     available = available.astype(bool)
     slots = jnp.where(available[:, None, None, :], images, 0).astype(make.dtype)
     slots = jnp.moveaxis(slots, -1, 1).reshape(n * m, *images.shape[1:3], 1)

@@ -65,6 +65,9 @@ def choose_targets(case, modalities, *, target=None, all_targets=False,
   if any_set and len(missing) == len(modalities):
     raise SynthesisError(f'{where}: none of {list(modalities)} is present; at least one '
                          'input is needed')
+  if any_set and target is not None and set(missing) | {target} == set(modalities):
+    raise SynthesisError(f'{where}: with --target {target} no other modality is present; '
+                         'at least one input is needed')
   if all_targets:
     if missing:
       raise SynthesisError(f'{where}: --all-targets needs complete cases, but {missing} '

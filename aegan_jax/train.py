@@ -105,7 +105,10 @@ def make_trainer(config, num_modalities: int) -> Trainer:
   naming the field.
   """
   generator, autoencoder = models.build_networks(config.model, num_modalities)
-  adam, schedule = make_optimizer(**config.optim)
+  try:
+    adam, schedule = make_optimizer(**config.optim)
+  except TypeError as e:
+    raise ValueError(f'config.optim: {e}') from None
   try:
     weights = LossWeights(**config.loss)
   except TypeError as e:

@@ -256,6 +256,7 @@ def configure_from_weights(config, g_tensors, ae_tensors=None):
     raise WeightImportError(f'the generator synthesises from {hp["num_modalities"] - 1} of '
                             f'{hp["num_modalities"]} modalities, but config data.modalities is '
                             f'{modalities}')
+  config.model.generator = 'official'  # the weights are the official multi-branch generator
   config.model.ngf, config.model.num_blocks = hp['ngf'], hp['num_blocks']
   config.model.use_dropout = hp['use_dropout']
   config.model.norm = _norm_of(g_tensors, 'encoder_0_0.2')

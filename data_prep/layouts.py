@@ -233,7 +233,10 @@ def _find_generic(root: pathlib.Path, modalities) -> list[Case]:
   """``<root>/<case>/<case>_<modality>.nii[.gz]`` (and an optional ``<case>_seg``)."""
   tokens = {m.lower(): m for m in modalities}
   cases = []
-  for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')):
+  folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+  if any(_NIFTI.match(p.name) and p.name.startswith(root.name + '_') for p in root.iterdir()):
+    folders = [root]  # `root` is one case folder itself
+  for folder in folders:
     case = Case(folder.name, GENERIC, GENERIC, tuple(modalities), folder, {})
     for path in sorted(folder.iterdir()):
       match = _NIFTI.match(path.name)

@@ -477,6 +477,8 @@ def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max
                         if fixed_splits else None),
       'src': None if fixed_splits else str(pathlib.Path(src).resolve()),
       'skip_bad': bool(skip_bad),
+      # A generic dataset's names and their order are a choice of the user's.
+      **({'modalities': list(cases[0].modalities)} if cases[0].dataset == 'generic' else {}),
   }
   content_hash = _fingerprint(cases, options)
   up_to_date = _up_to_date_report(dst, content_hash, start)

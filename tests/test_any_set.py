@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from aegan_jax import checkpoints
 from aegan_jax import data
 from aegan_jax import models
 from aegan_jax import train
@@ -81,6 +82,15 @@ def test_one_program_serves_every_subset():
         outputs.add(np.asarray(out).tobytes())
   assert apply._cache_size() == 1
   assert len(outputs) == 28  # every (set, target) cell gives its own synthesis
+
+
+def test_configs_stored_before_the_generator_field_still_restore():
+  config = any_config()
+  del config.model['generator']  # as a checkpoint written by an earlier version stores it
+  meta = {'architecture': checkpoints.config_fields(config)}
+  assert 'model.generator' not in meta['architecture']
+  checkpoints.check_compatible(meta, config, 'old')
+  assert isinstance(models.build_networks(config.model, 4)[0], models.SynthesisGenerator)
 
 
 def test_the_pipeline_samples_every_pair_uniformly(prepared):

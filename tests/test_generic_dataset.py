@@ -8,6 +8,7 @@ import pytest
 from aegan_jax import cli
 from aegan_jax import job
 from data_prep import __main__ as data_prep_main
+from data_prep import layouts
 from data_prep import phantom
 from tests_helpers import launch_config
 
@@ -59,6 +60,16 @@ def test_bad_modalities_are_one_line_errors(tmp_path, capsys, args, message):
   err = capsys.readouterr().err
   assert message in err and err.count('\n') == 1, err
   assert not (tmp_path / 'prepared').exists()
+
+
+def test_one_case_folder_and_the_order_of_names(tmp_path, capsys):
+  raw = write_generic(tmp_path / 'raw', subjects=2)
+  cases = layouts.find_cases(raw / 'case01', 'generic', MODALITIES)
+  assert [c.subject_id for c in cases] == ['case01'] and set(cases[0].files) == set(MODALITIES)
+  assert prepare(raw, tmp_path / 'prepared', '--modalities', ','.join(MODALITIES)) == 0
+  # Another order is another dataset: never 'up to date'.
+  assert prepare(raw, tmp_path / 'prepared', '--modalities', 't1,t2,pd') == 2
+  assert 'prepared from other inputs or options' in capsys.readouterr().err
 
 
 def test_a_missing_modality_file_is_named(tmp_path, capsys):

@@ -73,6 +73,11 @@ def test_bad_config_values_give_one_line_errors(prepared, tmp_path, capsys):
   config.model.norm = 'group'
   assert cli.run(config, tmp_path / 'b') == 2
   assert "config.model.norm='group'" in capsys.readouterr().err
+  config = launch_config(prepared, num_steps=1)
+  config.optim.weight_decay = 0.1  # no such optimizer option
+  assert cli.run(config, tmp_path / 'c') == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: config.optim:') and 'weight_decay' in err and err.count('\n') == 1
 
 
 def test_incompatible_checkpoint_is_a_clear_error(prepared, tmp_path, capsys):
@@ -170,7 +175,7 @@ def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monke
                                          ('data.image_size', 12), ('data.image_size', 18),
                                          ('model.norm', 'group'), ('model.ngf', 0),
                                          ('model.dtype', 'float31'), ('loss.gan_mode', 'wgan'),
-                                         ('optim.learning_rate', 0.0)])
+                                         ('optim.learning_rate', 0.0), ('data.scenarios', 'any')])
 def test_bad_field_values_are_one_line_errors(prepared, tmp_path, capsys, field,
                                                            value):
   config = launch_config(prepared, num_steps=1)

@@ -112,9 +112,13 @@ def test_a_case_without_any_input_is_a_clear_error(raw, tmp_path, capsys):
   config = synthesis_config()
   config.model.generator = 'any'
   write_checkpoint(workdir, config)
-  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t1', 't1ce', 't2', 'flair']})
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t1', 't1ce', 't2', 'flair'],
+                                                  1: ['t1', 't1ce', 't2']})
   assert run('--workdir', workdir, '--input', cases / 'BraTS20_Training_001',
              '--output', tmp_path / 'out') == 2
+  assert 'at least one input is needed' in capsys.readouterr().err
+  assert run('--workdir', workdir, '--input', cases / 'BraTS20_Training_002',
+             '--output', tmp_path / 'out', '--target', 'flair') == 2
   assert 'at least one input is needed' in capsys.readouterr().err
 
 
