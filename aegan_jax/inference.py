@@ -19,9 +19,8 @@ from aegan_jax import parallel
 DEFAULT_BATCH_SIZE = 16
 
 
-def abstract_generator_variables(generator, image_size, num_modalities, sharding=None):
+def abstract_generator_variables(generator, image_size, sharding=None):
   """Shapes and dtypes of the generator's variables (nothing is allocated)."""
-  del num_modalities  # the generator knows it
   shapes = jax.eval_shape(lambda: generator.init(
       {'params': jax.random.PRNGKey(0)}, *models.example_inputs(generator, image_size),
       train=False))
@@ -67,10 +66,9 @@ class Synthesizer:
     """
     if config is None:
       _, config = checkpoints.read_checkpoint_config(workdir, step)
-    num_modalities = len(config.data.modalities)
-    generator, _ = models.build_networks(config.model, num_modalities)
+    generator, _ = models.build_networks(config.model, len(config.data.modalities))
     mesh = parallel.make_mesh()
-    abstract = abstract_generator_variables(generator, config.data.image_size, num_modalities,
+    abstract = abstract_generator_variables(generator, config.data.image_size,
                                             parallel.replicated(mesh))
     step, variables, meta = checkpoints.restore_generator(workdir, abstract, step)
     checkpoints.check_compatible(meta, config, f'{workdir} step {step}')
