@@ -280,7 +280,7 @@ def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
   modalities = manifest['modalities']
   volumes = subject_volumes(subject, entry, manifest)
   any_set = len(cells) > len(modalities)
-  rows, synthesised = [], {}
+  rows, synthesised, copies = [], {}, {}
   for available, t in cells:
     synth = synthesizer(subject.images, t, available=np.isin(np.arange(len(modalities)),
                                                              available))
@@ -288,9 +288,12 @@ def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
       synthesised[t] = synth
     source = best_input(scores, t, available)
     cell = {'available': '+'.join(modalities[i] for i in available)} if any_set else {}
-    for method, slices in (('model', synth), ('baseline', subject.images[..., source])):
-      results = _protocol_results(slices, subject, entry, manifest, t, volumes,
-                                  synthesizer.batch_size)
+    if (source, t) not in copies:  # a copy's metrics depend on (source, target) only
+      copies[source, t] = _protocol_results(subject.images[..., source], subject, entry,
+                                            manifest, t, volumes, synthesizer.batch_size)
+    model = _protocol_results(synth, subject, entry, manifest, t, volumes,
+                              synthesizer.batch_size)
+    for method, results in (('model', model), ('baseline', copies[source, t])):
       for protocol in PROTOCOLS:
         rows.append({'method': method, 'protocol': protocol, 'target': modalities[t],
                      'subject': subject.subject_id, 'num_slices': len(subject.slices),
