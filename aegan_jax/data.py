@@ -135,23 +135,15 @@ def scenario_pairs(targets, num_modalities: int) -> list[tuple[int, np.ndarray]]
 
 
 class SampleScenario(grain.transforms.RandomMap):
-  """Draws a scenario per example: a target from ``targets`` and the available inputs.
+  """Draws a scenario per example, uniformly over the (target, inputs) pairs with at least
+  `fewest_inputs` inputs: M - 1 is the paper's scenario ('single'), 1 any set ('any')."""
 
-  'single' (the paper's): the target uniformly, every other modality available.
-  'any': uniformly over every (non-empty set of the other modalities, target) pair.
-  """
-
-  def __init__(self, targets: Sequence[int], num_modalities: int, scenarios: str = 'single'):
-    self.targets = np.asarray(targets, np.int32)
-    self.num_modalities, self.scenarios = num_modalities, scenarios
-    self.pairs = scenario_pairs(self.targets, num_modalities)
+  def __init__(self, targets: Sequence[int], num_modalities: int, fewest_inputs: int):
+    self.pairs = [pair for pair in scenario_pairs(targets, num_modalities)
+                  if pair[1].sum() >= fewest_inputs]
 
   def random_map(self, element, rng: np.random.Generator):
-    if self.scenarios == 'single':
-      target = self.targets[rng.integers(len(self.targets))]
-      available = np.arange(self.num_modalities) != target
-    else:
-      target, available = self.pairs[rng.integers(len(self.pairs))]
+    target, available = self.pairs[rng.integers(len(self.pairs))]
     return {**element, 'target_index': np.int32(target), 'available': available}
 
 
@@ -232,7 +224,8 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
     raise ValueError(f'config.data.scenarios={scenarios!r} must be one of {SCENARIOS}')
   operations += [CurriculumScenario(targets, num_modalities, seed, curriculum_stage_examples)
                  if scenarios == 'curriculum' else
-                 SampleScenario(targets, num_modalities, scenarios),
+                 SampleScenario(targets, num_modalities,
+                                1 if scenarios == 'any' else num_modalities - 1),
                  grain.transforms.Batch(global_batch_size // process_count,
                                         drop_remainder=drop_remainder)]
   if worker_count > 0:
