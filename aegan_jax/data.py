@@ -158,9 +158,6 @@ class CurriculumScenario:
   """
 
   def __init__(self, targets, num_modalities: int, seed: int, stage_examples: int):
-    if stage_examples <= 0:
-      raise ValueError(f'config.data.curriculum_stage_examples={stage_examples} must be '
-                       'positive')
     self.pairs = scenario_pairs(targets, num_modalities)
     self.num_modalities, self.seed, self.stage_examples = num_modalities, seed, stage_examples
 
@@ -173,6 +170,15 @@ class CurriculumScenario:
       target, available = allowed[rng.integers(len(allowed))]
       yield grain.Record(record.metadata, {**record.data, 'target_index': np.int32(target),
                                            'available': available})
+
+
+def check_scenario_options(scenarios: str, curriculum_stage_examples: int) -> None:
+  """config.data's scenario fields; a bad value raises ValueError naming the field."""
+  if scenarios not in SCENARIOS:
+    raise ValueError(f'config.data.scenarios={scenarios!r} must be one of {SCENARIOS}')
+  if curriculum_stage_examples <= 0:
+    raise ValueError(f'config.data.curriculum_stage_examples={curriculum_stage_examples} '
+                     'must be positive')
 
 
 def _process(process_index, process_count):
@@ -198,6 +204,7 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
   shards equally long, so an epoch skips up to ``process_count - 1`` records;
   use ``iterate_split`` to visit every slice (evaluation).
   """
+  check_scenario_options(scenarios, curriculum_stage_examples)
   manifest = load_manifest(prepared_dir)
   num_modalities = len(manifest['modalities'])
   targets = tuple(targets or range(num_modalities))
@@ -220,8 +227,6 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
                else crop_padding)
     operations.append(Augment(flip, random_crop, padding,
                               manifest['background_value']))
-  if scenarios not in SCENARIOS:
-    raise ValueError(f'config.data.scenarios={scenarios!r} must be one of {SCENARIOS}')
   operations += [CurriculumScenario(targets, num_modalities, seed, curriculum_stage_examples)
                  if scenarios == 'curriculum' else
                  SampleScenario(targets, num_modalities,

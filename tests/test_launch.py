@@ -175,7 +175,9 @@ def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monke
                                          ('data.image_size', 12), ('data.image_size', 18),
                                          ('model.norm', 'group'), ('model.ngf', 0),
                                          ('model.dtype', 'float31'), ('loss.gan_mode', 'wgan'),
-                                         ('optim.learning_rate', 0.0), ('data.scenarios', 'any')])
+                                         ('optim.learning_rate', 0.0), ('data.scenarios', 'any'),
+                                         ('data.scenarios', 'every'),
+                                         ('data.curriculum_stage_examples', 0)])
 def test_bad_field_values_are_one_line_errors(prepared, tmp_path, capsys, field,
                                                            value):
   config = launch_config(prepared, num_steps=1)
