@@ -92,7 +92,8 @@ class BatchNorm(nn.Module):
 
 
 def _pairwise_sum(x, axis):
-  """Sum over `axis` by adding halves until one entry is left (odd lengths get a zero)."""
+  """Sum over `axis` by adding halves until one entry is left (odd lengths get a zero);
+  rounding then grows with log2 of the length, not with the length."""
   while x.shape[axis] > 1:
     if x.shape[axis] % 2:
       pad = [(0, 0)] * x.ndim
@@ -120,11 +121,12 @@ def channel_sums(x, folds=3):
   with ones: XLA:CPU runs that product about 10x faster than a reduction over the
   non-minor H and W axes.  A product accumulates in sequence, and equal terms repeat
   the same rounding error: over the exactly constant background of a prepared slice
-  a plain product's sums were off by 1e-4 relative at 256 px, and gradients that
+  an unfolded product's sums are off by 1e-4 relative at 256 px, and gradients that
   cancel against them by up to 1e-2 (so 1 and 4 devices, rounding differently,
-  disagreed that much).  Folding first cuts the sequence 8-fold: sums within 2e-6 of
-  float64, 1 and 4 devices' gradients within 1e-5, for 6-8% of the 256 px CPU
-  iteration (2-core AMD EPYC).  Each example is summed on its own, so the sums do not depend on the device count.
+  disagree that much).  Folding cuts the sequence 8-fold: sums within 2e-6 of
+  float64, 1 and 4 devices' gradients within 1e-5; it cost 6-8% of the 256 px CPU
+  iteration in an A/B on a 2-core AMD EPYC.  Each example is summed on its own, so
+  the sums do not depend on the device count.
   """
   flat = x.reshape(x.shape[0], -1, x.shape[-1])
   for _ in range(folds):

@@ -105,7 +105,8 @@ def test_instance_norm_option_builds_and_runs():
 def test_norm_moments_are_accurate_over_a_constant_background():
   """Prepared slices hold an exactly constant background; summing its equal terms in
   sequence repeats one rounding error (1e-4 relative at 256 px), and gradients that
-  cancel against it moved by 1e-2.  The moments must match float64 within 1e-5 (a plain product with ones: 1e-4)."""
+  cancel against it moved by 1e-2.  The sums must match float64 within 1e-5 (an
+  unfolded product with ones: 1e-4)."""
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 256, 256, 8)).astype(np.float32)
   x[:, :160] = -0.73  # background rows
