@@ -121,16 +121,18 @@ LOADER_FIELDS = ('targets', 'flip', 'random_crop', 'scenarios', 'curriculum_stag
                  'worker_count')
 
 
-def scenario_pairs(targets, num_modalities: int) -> list[tuple[int, np.ndarray]]:
-  """Every (target, availability [M] bool) pair: each target with each non-empty set of
-  the other modalities."""
+def scenario_pairs(targets, num_modalities: int,
+                   fewest_inputs: int = 1) -> list[tuple[int, np.ndarray]]:
+  """Every (target, availability [M] bool) pair: each target with each set of at least
+  `fewest_inputs` of the other modalities."""
   pairs = []
   for target in targets:
     others = np.delete(np.arange(num_modalities), target)
     for code in range(1, 2 ** (num_modalities - 1)):
       available = np.zeros(num_modalities, bool)
       available[others] = (code >> np.arange(num_modalities - 1)) & 1
-      pairs.append((int(target), available))
+      if available.sum() >= fewest_inputs:
+        pairs.append((int(target), available))
   return pairs
 
 
@@ -139,8 +141,7 @@ class SampleScenario(grain.transforms.RandomMap):
   `fewest_inputs` inputs: M - 1 is the paper's scenario ('single'), 1 any set ('any')."""
 
   def __init__(self, targets: Sequence[int], num_modalities: int, fewest_inputs: int):
-    self.pairs = [pair for pair in scenario_pairs(targets, num_modalities)
-                  if pair[1].sum() >= fewest_inputs]
+    self.pairs = scenario_pairs(targets, num_modalities, fewest_inputs)
 
   def random_map(self, element, rng: np.random.Generator):
     target, available = self.pairs[rng.integers(len(self.pairs))]
@@ -158,14 +159,16 @@ class CurriculumScenario:
   """
 
   def __init__(self, targets, num_modalities: int, seed: int, stage_examples: int):
-    self.pairs = scenario_pairs(targets, num_modalities)
+    # The allowed pairs for each fewest number of inputs, M - 1 down to 1.
+    self.stages = {k: scenario_pairs(targets, num_modalities, k)
+                   for k in range(1, num_modalities)}
     self.num_modalities, self.seed, self.stage_examples = num_modalities, seed, stage_examples
 
   def __call__(self, records):
     for record in records:
       position = record.metadata.index
       fewest = max(1, self.num_modalities - 1 - position // self.stage_examples)
-      allowed = [pair for pair in self.pairs if pair[1].sum() >= fewest]
+      allowed = self.stages[fewest]
       rng = np.random.default_rng([self.seed, position])
       target, available = allowed[rng.integers(len(allowed))]
       yield grain.Record(record.metadata, {**record.data, 'target_index': np.int32(target),
