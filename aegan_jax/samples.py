@@ -15,7 +15,6 @@ from PIL import Image, ImageDraw
 
 from aegan_jax import data
 from aegan_jax import modalities as modalities_lib
-from aegan_jax import models
 
 
 def to_uint8(image, low=-1.0, high=1.0):
@@ -67,9 +66,9 @@ class SampleWriter:
     self.images = np.tile(images, (num_modalities, 1, 1, 1))
     self.targets = targets
     # Every other modality as input: the paper's scenario, for either generator.
-    batch = {'images': self.images, 'target_index': targets,
-             'available': modalities_lib.all_but_target(targets, num_modalities)}
-    self.inputs = models.generator_batch(generator, jax.tree.map(jnp.asarray, batch))[0]
+    available = modalities_lib.all_but_target(targets, num_modalities)
+    self.inputs = generator.batch_inputs(jnp.asarray(self.images), jnp.asarray(available),
+                                         jnp.asarray(targets))
     self._apply = jax.jit(lambda v, inputs: generator.apply(v, *inputs, train=False))
 
   def write(self, step: int, variables) -> pathlib.Path:

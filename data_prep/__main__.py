@@ -5,6 +5,7 @@ import argparse
 import pathlib
 import sys
 
+from data_prep import layouts
 from data_prep import preprocess
 from data_prep.errors import DataError
 
@@ -29,8 +30,7 @@ def build_parser():
   parser.add_argument('--train-src', type=pathlib.Path)
   parser.add_argument('--val-src', type=pathlib.Path)
   parser.add_argument('--test-src', type=pathlib.Path)
-  parser.add_argument('--dataset', default='auto',
-                      choices=('auto', 'brats', 'isles2015', 'generic'))
+  parser.add_argument('--dataset', default='auto', choices=layouts.DATASETS)
   parser.add_argument('--modalities', type=lambda text: tuple(text.split(',')),
                       help='generic: the modality names, comma-separated, in channel '
                       'order; files are <case>/<case>_<name>.nii[.gz]')

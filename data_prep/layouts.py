@@ -233,8 +233,9 @@ def _find_generic(root: pathlib.Path, modalities) -> list[Case]:
   """``<root>/<case>/<case>_<modality>.nii[.gz]`` (and an optional ``<case>_seg``)."""
   tokens = {m.lower(): m for m in modalities}
   cases = []
-  folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
-  if any(_NIFTI.match(p.name) and p.name.startswith(root.name + '_') for p in root.iterdir()):
+  entries = list(root.iterdir())
+  folders = sorted(p for p in entries if p.is_dir() and not p.name.startswith('.'))
+  if any(_NIFTI.match(p.name) and p.name.startswith(root.name + '_') for p in entries):
     folders = [root]  # `root` is one case folder itself
   for folder in folders:
     case = Case(folder.name, GENERIC, GENERIC, tuple(modalities), folder, {})
