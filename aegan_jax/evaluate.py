@@ -279,7 +279,7 @@ def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
   and grid material of one subject."""
   modalities = manifest['modalities']
   volumes = subject_volumes(subject, entry, manifest)
-  any_set = len(cells) > len(modalities)
+  any_set = isinstance(synthesizer.generator, models.AnySetGenerator)
   rows, synthesised, copies = [], {}, {}
   for available, t in cells:
     synth = synthesizer(subject.images, t, available=np.isin(np.arange(len(modalities)),
@@ -401,7 +401,8 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   scores = copy_scores(prepared_dir, evaluated_split, len(modalities))
   everything = range(len(modalities))
   baselines = [best_input(scores, t, [j for j in everything if j != t]) for t in everything]
-  cells = scenario_cells(len(modalities), config.model.get('generator', 'official') == 'any')
+  any_set = isinstance(synthesizer.generator, models.AnySetGenerator)
+  cells = scenario_cells(len(modalities), any_set)
   _log_start(synthesizer, prepared_dir, evaluated_split, manifest, baselines, log)
   # Official-mode results sit beside the eval-mode ones instead of replacing them.
   folder = f'{step}-official' if synthesizer.official_test_mode else str(step)
@@ -425,8 +426,7 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
                     for p in PROTOCOLS},
       'psnr_cap_db': PSNR_CAP,
       'summary': summary, 'scalars': scalars(summary, modalities),
-      **({'scenarios': summarise_scenarios(rows, modalities, cells)}
-         if len(cells) > len(modalities) else {}),
+      **({'scenarios': summarise_scenarios(rows, modalities, cells)} if any_set else {}),
       'seconds': time.perf_counter() - start,
       'paths': _output_paths(out_dir, modalities),
   }
