@@ -128,13 +128,23 @@ def best_input(scores, target: int, available) -> int:
 
 
 def scenario_cells(num_modalities: int, any_set: bool) -> list[tuple[tuple[int, ...], int]]:
-  """(available inputs, target) pairs to evaluate: every other modality in (the paper's
-  scenario), or with an any-set generator every non-empty set of them, largest first."""
-  cells = []
-  for size in range(num_modalities - 1, 0 if any_set else num_modalities - 2, -1):
-    for available in itertools.combinations(range(num_modalities), size):
-      cells += [(available, t) for t in range(num_modalities) if t not in available]
-  return cells if any_set else sorted(cells, key=lambda cell: cell[1])
+  """(available inputs, target) pairs to evaluate, from the training scenarios
+  (`data.scenario_pairs`): every other modality in (the paper's scenario), by target, or
+  with an any-set generator every non-empty set of them, largest first."""
+  fewest = 1 if any_set else num_modalities - 1
+  cells = [(tuple(int(i) for i in np.flatnonzero(available)), target) for target, available
+           in data.scenario_pairs(range(num_modalities), num_modalities, fewest)]
+  return sorted(cells, key=lambda cell: (-len(cell[0]), cell)) if any_set else cells
+
+
+def available_label(modalities, available) -> str:
+  """An any-set cell's inputs as one row field, e.g. 't1+flair'."""
+  return '+'.join(modalities[i] for i in available)
+
+
+def is_paper_scenario(row, num_modalities) -> bool:
+  """A row of the official generator, or of an any-set cell with every other modality in."""
+  return 'available' not in row or len(row['available'].split('+')) == num_modalities - 1
 
 
 # --------------------------------------------------------------------------
@@ -287,7 +297,7 @@ def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
     if len(available) == len(modalities) - 1:
       synthesised[t] = synth
     source = best_input(scores, t, available)
-    cell = {'available': '+'.join(modalities[i] for i in available)} if any_set else {}
+    cell = {'available': available_label(modalities, available)} if any_set else {}
     if (source, t) not in copies:  # a copy's metrics depend on (source, target) only
       copies[source, t] = _protocol_results(subject.images[..., source], subject, entry,
                                             manifest, t, volumes, synthesizer.batch_size)
@@ -328,10 +338,9 @@ def summarise_scenarios(rows, modalities, cells) -> list[dict]:
     by_cell.setdefault((row['available'], row['target']), []).append(row)
   scenarios = []
   for available, t in cells:
-    names = [modalities[i] for i in available]
-    cell_rows = by_cell[('+'.join(names), modalities[t])]
+    cell_rows = by_cell[(available_label(modalities, available), modalities[t])]
     stats = summarise(cell_rows, [modalities[t]])
-    scenarios.append({'available': names, 'target': modalities[t],
+    scenarios.append({'available': [modalities[i] for i in available], 'target': modalities[t],
                       **{method: {protocol: stats[method][protocol][modalities[t]]
                                   for protocol in PROTOCOLS} for method in METHODS}})
   return scenarios
@@ -412,8 +421,8 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   rows, grids, sources, num_slices = _evaluate_subjects(
       synthesizer, prepared_dir, evaluated_split, manifest, scores, cells, log)
   # The paper's scenario (every other modality in) is the summary for either generator.
-  summary = summarise([r for r in rows if reports.is_paper_scenario(r, len(modalities))],
-                      modalities)
+  paper_rows = [r for r in rows if is_paper_scenario(r, len(modalities))]
+  summary = summarise(paper_rows, modalities)
   _log_targets(summary, modalities, baselines, log)
   report = {
       'step': step, 'split': evaluated_split, 'requested_split': split,
@@ -432,7 +441,7 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   }
   if main_process:
     try:
-      reports.write_outputs(report, rows, grids, out_dir)
+      reports.write_outputs(report, rows, paper_rows, grids, out_dir)
     except OSError as e:
       raise EvaluationError(f'{e.filename or out_dir}: cannot write ({e.strerror or e})') from None
   log(f'evaluate: wrote {out_dir} in {report["seconds"]:.1f} s')

@@ -22,6 +22,7 @@ import numpy as np
 
 from aegan_jax import checkpoints
 from aegan_jax import data
+from aegan_jax import models
 from aegan_jax import parallel
 from aegan_jax import reports
 from aegan_jax import samples
@@ -63,8 +64,7 @@ def validate_config(config) -> None:
       # Below 16 px the discriminator's patch-logit map is empty and the GAN loss NaN.
       ('data.image_size', config.data.image_size % 4 == 0 and config.data.image_size >= 16,
        'must be a multiple of 4, at least 16'),
-      ('data.scenarios', config.data.scenarios == 'single' or
-       config.model.get('generator', 'official') == 'any',
+      ('data.scenarios', config.data.scenarios == 'single' or models.is_any_set(config.model),
        "needs config.model.generator='any' (the official generator takes every other "
        'modality as input)'),
       ('data.targets', all(0 <= t < len(config.data.modalities) for t in config.data.targets),

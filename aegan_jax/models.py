@@ -253,6 +253,11 @@ def example_inputs(generator, image_size: int):
                                 jnp.zeros(1, jnp.int32))
 
 
+def is_any_set(model_config) -> bool:
+  """Whether `config.model` asks for the any-set generator (`generator='any'`)."""
+  return model_config.get('generator', 'official') == 'any'
+
+
 def build_networks(model_config, num_modalities: int):
   """Both networks from a `config.model` block, whose fields are their keywords."""
   options = dict(model_config.items())

@@ -36,22 +36,18 @@ def ensure_writable(folder) -> None:
     pass
 
 
-def is_paper_scenario(row, num_modalities) -> bool:
-  """A row of the official generator, or of an any-set cell with every other modality in."""
-  return 'available' not in row or len(row['available'].split('+')) == num_modalities - 1
-
-
-def write_outputs(report, rows, grids, out_dir: pathlib.Path) -> None:
-  """The four kinds of files of `<workdir>/eval/<step>/` (see docs/evaluation.md)."""
+def write_outputs(report, rows, paper_rows, grids, out_dir: pathlib.Path) -> None:
+  """The four kinds of files of `<workdir>/eval/<step>/` (see docs/evaluation.md); the
+  grids show `paper_rows`, the paper's scenario."""
   out_dir.mkdir(parents=True, exist_ok=True)
   modalities = report['modalities']
   with open(out_dir / 'metrics.json', 'w') as f:
     json.dump(_json_safe({**report, 'subjects': rows}), f, indent=1, allow_nan=False)
   write_csv(rows, out_dir / 'metrics.csv')
   (out_dir / 'metrics.md').write_text(markdown(report))
-  paper = [r for r in rows if is_paper_scenario(r, len(modalities))]  # what grids show
   for t, target in enumerate(modalities):
-    write_grid(t, pick_subjects(paper, grids, target), modalities, out_dir / f'grid_{target}.png')
+    write_grid(t, pick_subjects(paper_rows, grids, target), modalities,
+               out_dir / f'grid_{target}.png')
 
 
 def _json_safe(tree):

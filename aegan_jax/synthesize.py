@@ -37,6 +37,7 @@ import numpy as np
 
 from aegan_jax import checkpoints
 from aegan_jax import inference
+from aegan_jax import models
 from data_prep import layouts
 from data_prep import nifti
 from data_prep import preprocess
@@ -326,7 +327,7 @@ def run(args) -> list[pathlib.Path]:
   step, config = checkpoints.read_checkpoint_config(args.workdir, args.step)
   cases = layouts.find_cases(args.input, config.data.get('dataset', 'auto'),
                              config.data.modalities)
-  any_set = config.model.get('generator', 'official') == 'any'
+  any_set = models.is_any_set(config.model)
   jobs = plan_jobs(cases, config.data, target=args.target, all_targets=args.all_targets,
                    any_set=any_set)
   check_output_files(jobs, args.output, args.naming, args.overwrite)
