@@ -117,16 +117,12 @@ def batch_sum(per_example):
 def channel_sums(x, folds=3):
   """Per-example channel sums, [N, H, W, C] -> [N, C].
 
-  The H * W positions are folded in half `folds` times, then summed as a product
-  with ones: XLA:CPU runs that product about 10x faster than a reduction over the
-  non-minor H and W axes.  A product accumulates in sequence, and equal terms repeat
-  the same rounding error: over the exactly constant background of a prepared slice
-  an unfolded product's sums are off by 1e-4 relative at 256 px, and gradients that
-  cancel against them by up to 1e-2 (so 1 and 4 devices, rounding differently,
-  disagree that much).  Folding cuts the sequence 8-fold: sums within 2e-6 of
-  float64, 1 and 4 devices' gradients within 1e-5; it cost 6-8% of the 256 px CPU
-  iteration in an A/B on a 2-core AMD EPYC.  Each example is summed on its own, so
-  the sums do not depend on the device count.
+  Summed as a product with ones, which XLA:CPU runs about 10x faster than a reduction
+  over the non-minor H and W axes.  A product accumulates in sequence, and the exactly
+  constant background of a prepared slice repeats one rounding error (sums 1e-4 off at
+  256 px, enough for 1 and N devices' gradients to disagree by 1e-2), so the positions
+  are first folded in half `folds` times.  Each example is summed on its own, so the
+  sums do not depend on the device count.
   """
   flat = x.reshape(x.shape[0], -1, x.shape[-1])
   for _ in range(folds):
