@@ -1,12 +1,17 @@
 """N devices compute what one device computes (4 simulated CPU devices, see conftest.py).
 
 Phantom slices (continuous, with an exactly constant background like prepared MRI),
-dropout on, global batch 4 on 1, 2 and 4 devices, both norms.  One iteration gives the
-1-device gradients (read from Adam's first moment, (1 - b1) * g) and losses, and three
-iterations the same generator, in float32 and, tighter, in float64.  Adam moves a
-parameter whose true gradient is zero (a conv bias before instance norm, the kernel taps
-reading the constant modality mask) by +-lr on rounding noise; those changes cancel in
-the output, so the outputs are compared, not the parameters.
+dropout on, global batch 4 on 1, 2 and 4 devices, both norms.  In float32 one iteration
+gives the 1-device gradients (read from Adam's first moment, (1 - b1) * g) and losses to
+rounding; in float64 three iterations give the same generator to 1e-8.
+
+Float32 outputs after several iterations are not compared: Adam's first step moves every
+parameter by about +-lr whatever its gradient's size, so parameters whose true gradient is
+zero (a conv bias before instance norm, the kernel taps reading the constant modality
+mask) move by the sign of rounding noise, and later iterations amplify that.  Changing only
+the rounding of the norm sums (fold count 2 or 4 instead of 3) took the 1-vs-4-device gap
+of the 3-iteration output from about 5e-6 to 6e-5 or 3.5e-2 on some data seeds: a fixed
+tolerance there tests luck.
 """
 import functools
 
@@ -63,16 +68,13 @@ def eval_output(config, state, size):
 
 @functools.lru_cache(maxsize=None)
 def float32_runs(norm, size):
-  """{n: (first-step gradients, first-step losses, eval output after 3 steps)}."""
+  """{n: (first-step gradients, first-step losses)}."""
   config = tiny_config(**{'model.norm': norm})
-  runs = {n: run_iterations(config, size, n, steps=3) for n in DEVICE_COUNTS}
-  return {n: (*runs[n][:2], eval_output(config, runs[n][2], size)) for n in DEVICE_COUNTS}
+  return {n: run_iterations(config, size, n, steps=1)[:2] for n in DEVICE_COUNTS}
 
 
-FLOAT32_CASES = [('batch', 32), ('batch', 64), ('instance', 32), ('instance', 64)]
-
-
-@pytest.mark.parametrize('norm,size', FLOAT32_CASES)
+@pytest.mark.parametrize('norm,size', [('batch', 32), ('batch', 64), ('instance', 32),
+                                       ('instance', 64)])
 def test_float32_first_iteration_agrees_across_device_counts(norm, size):
   runs = float32_runs(norm, size)
   for n in DEVICE_COUNTS[1:]:
@@ -80,23 +82,11 @@ def test_float32_first_iteration_agrees_across_device_counts(norm, size):
     assert_losses_close(runs[1][1], runs[n][1], rtol=1e-5)
 
 
-@pytest.mark.parametrize('norm,size', [
-    *FLOAT32_CASES[:3],
-    pytest.param('instance', 64, marks=pytest.mark.xfail(strict=True, reason=(
-        'open: outputs differ by 2.5e-4 after 3 float32 iterations; parameters agree to 1e-6 '
-        '(zero-gradient ones aside, which move the output by only 1.4e-5), but this output '
-        'is ill-conditioned: on 1 device, 1e-7 relative noise on every parameter moves it '
-        'by 1.2e-5 (instance norm of background-dominated channels)')))])
-def test_float32_generator_after_three_iterations_agrees(norm, size):
-  runs = float32_runs(norm, size)
-  for n in DEVICE_COUNTS[1:]:
-    np.testing.assert_allclose(runs[n][2], runs[1][2], atol=1e-5)
-
-
-def test_float64_iterations_equal_across_device_counts():
+@pytest.mark.parametrize('norm', ['batch', 'instance'])
+def test_float64_iterations_equal_across_device_counts(norm):
   # 1 and 4 devices only: the float32 tests above cover 2; this one tightens the bound.
   counts = (1, 4)
-  config = tiny_config(**{'model.norm': 'batch'})
+  config = tiny_config(**{'model.norm': norm})
   config.model.dtype = config.model.param_dtype = 'float64'
   with jax.enable_x64(True):
     runs = {n: run_iterations(config, 32, n, steps=3) for n in counts}
