@@ -175,14 +175,34 @@ def _normalize_fwd(x, scale, bias, per_example, epsilon):
   return (y, *moments), (x, mean, inv, scale)
 
 
+def _sums_side_by_side(dy, x_hat, per_example):
+  both = _moment_sums(jnp.concatenate([dy, dy * x_hat], -1), per_example)
+  return tuple(jnp.split(both, 2, axis=-1))
+
+
+def _sums_separately(dy, x_hat, per_example):
+  return _moment_sums(dy, per_example), _moment_sums(dy * x_hat, per_example)
+
+
+def _gradient_sums(dy, x_hat, per_example):
+  """(sums of dy, sums of dy * x_hat), as `_moment_sums` takes them.
+
+  On a CPU, one product over the two arrays side by side made the whole iteration 7-11%
+  faster (64 and 128 px).  A GPU fuses each sum with the product feeding it instead, and
+  the side-by-side copy there took 3.5x the norm's time (H200, batch 128).
+  """
+  return jax.lax.platform_dependent(
+      dy, x_hat, cpu=functools.partial(_sums_side_by_side, per_example=per_example),
+      default=functools.partial(_sums_separately, per_example=per_example))
+
+
 def _normalize_bwd(per_example, epsilon, residuals, cotangents):
   del epsilon
   x, mean, inv, scale = residuals
   x_hat = (x.astype(scale.dtype) - _over_hw(mean)) * _over_hw(inv)
   dy = cotangents[0]
   count = _moment_count(x, per_example)
-  d_bias = _moment_sums(dy, per_example)
-  d_scale = _moment_sums(dy * x_hat, per_example)
+  d_bias, d_scale = _gradient_sums(dy, x_hat, per_example)
   dx = _over_hw(inv * scale / count) * (
       count * dy - _over_hw(d_bias) - x_hat * _over_hw(d_scale))
   if per_example:

@@ -116,3 +116,19 @@ def test_norm_moments_are_accurate_over_a_constant_background():
   exact_all = x.astype(np.float64).sum((0, 1, 2))
   np.testing.assert_allclose(np.asarray(layers.batch_sum(layers.channel_sums(jnp.asarray(x)))),
                              exact_all, rtol=1e-5)
+
+
+@pytest.mark.parametrize('per_example', [True, False])
+def test_norm_gradient_sums_agree_in_both_backend_forms(per_example):
+  """The norm's backward sums dy and dy * x_hat side by side on CPUs and one at a time
+  elsewhere; both forms give the float64 sums (the CPU test run only takes the first)."""
+  rng = np.random.default_rng(1)
+  dy = rng.standard_normal((2, 64, 64, 8)).astype(np.float32)
+  x_hat = rng.standard_normal((2, 64, 64, 8)).astype(np.float32)
+  x_hat[:, :40] = -0.73  # background rows
+  axes = (1, 2) if per_example else (0, 1, 2)
+  exact = [v.astype(np.float64).sum(axes) for v in (dy, dy * x_hat)]
+  for form in (layers._sums_side_by_side, layers._sums_separately):
+    sums = form(jnp.asarray(dy), jnp.asarray(x_hat), per_example)
+    for got, want in zip(sums, exact):
+      np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-3)
