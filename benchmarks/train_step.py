@@ -3,9 +3,8 @@ r"""Times one AE-GAN training iteration (both networks, both optimizers).
   python benchmarks/train_step.py --size 256 --batch 1 --ngf 64 --steps 5 [--json out.json]
 
 Prints compile time, median seconds per iteration (min-max), slices/s, FLOPs per
-iteration from XLA's cost analysis, GFLOP/s and peak RSS.  Reference on the
-2-core development CPU: the official PyTorch code takes a median 8.44 s per
-iteration at 256x256, batch 1, ngf 64 (1.245 TFLOP, 147 GFLOP/s).
+iteration from XLA's cost analysis, GFLOP/s and peak RSS.  Against the official
+code, time both on the same machine in one run: benchmarks/compare_official.py.
 """
 import argparse
 import functools
@@ -24,9 +23,6 @@ import numpy as np  # noqa: E402
 from aegan_jax import modalities  # noqa: E402
 from aegan_jax import train  # noqa: E402
 from configs import brats  # noqa: E402
-
-OFFICIAL_CPU_S_PER_ITER = 8.44  # 256 px, batch 1, ngf 64, torch 2.13, 2 threads (shared/README)
-
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -122,9 +118,6 @@ def main(argv=None):
   print(f"FLOPs/iteration   {flops / 1e12:.3f} TFLOP (XLA cost analysis)")
   print(f"throughput        {results['gflops_per_s']:.1f} GFLOP/s")
   print(f"peak RSS          {results['peak_rss_mb']:.0f} MB")
-  if (args.size, args.batch, args.ngf) == (256, 1, 64):
-    print(f"vs official CPU   {OFFICIAL_CPU_S_PER_ITER / median:.2f}x "
-          f"(official PyTorch: {OFFICIAL_CPU_S_PER_ITER} s/iteration on the 2-core dev CPU)")
   if args.json:
     args.json.write_text(json.dumps(results, indent=2))
 
