@@ -49,11 +49,13 @@ def _window(text):
   """HLO window attributes -> (strides, padding, lhs_dilation, rhs_dilation)."""
   fields = dict(item.split('=') for item in text.split())
   rank = len(fields['size'].split('x'))
-  ints = lambda key, default: tuple(int(v) for v in fields.get(key, default).split('x'))  # noqa: E731
-  ones = 'x'.join(['1'] * rank)
+
+  def ints(key):
+    return tuple(int(v) for v in fields.get(key, 'x'.join(['1'] * rank)).split('x'))
+
   padding = [tuple(int(v) for v in pair.split('_'))
              for pair in fields.get('pad', 'x'.join(['0_0'] * rank)).split('x')]
-  return ints('stride', ones), padding, ints('lhs_dilate', ones), ints('rhs_dilate', ones)
+  return ints('stride'), padding, ints('lhs_dilate'), ints('rhs_dilate')
 
 
 def convolutions(hlo_text):
