@@ -15,7 +15,6 @@ import pathlib
 import re
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -77,13 +76,7 @@ def time_alone(lhs_shape, rhs_shape, window, labels, reps):
       x, w, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers=numbers))
   keys = jax.random.split(jax.random.PRNGKey(0))
   x, w = (jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, (lhs_shape, rhs_shape)))
-  conv(x, w).block_until_ready()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    conv(x, w).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
+  return train_step.median_seconds(lambda: conv(x, w), reps) * 1e3
 
 
 def _flops(lhs_shape, rhs_shape, out_shape, labels):

@@ -101,14 +101,7 @@ def matmul_peak(n=8192, reps=10):
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys)
   product = jax.jit(jnp.matmul)
-  for _ in range(3):
-    product(a, b).block_until_ready()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    product(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / statistics.median(times) / 1e12
+  return 2 * n**3 / train_step.median_seconds(lambda: product(a, b), reps, warmup=3) / 1e12
 
 
 class Ours:
@@ -202,13 +195,7 @@ def reflect_pads(batch=64, size=64, channels=256, reps=20):
       padded, backward = jax.vjp(pad, v)
       return backward(padded)[0]
     step = jax.jit(forward_backward)
-    step(x).block_until_ready()
-    times = []
-    for _ in range(reps):
-      start = time.perf_counter()
-      step(x).block_until_ready()
-      times.append(time.perf_counter() - start)
-    result[name + '_ms'] = statistics.median(times) * 1e3
+    result[name + '_ms'] = train_step.median_seconds(lambda step=step: step(x), reps) * 1e3
   return result
 
 

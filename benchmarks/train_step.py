@@ -88,6 +88,18 @@ def time_iterations(compiled, state, inputs, steps):
   return state, times
 
 
+def median_seconds(call, reps, warmup=1):
+  """Median wall time of `call()` (its result blocked on) over `reps`, after `warmup` calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def measure(size, batch, ngf, dtype, steps):
   """Compiles and times one configuration; returns the figures as a dict."""
   trainer, state = init(size, ngf, dtype)
