@@ -167,7 +167,8 @@ class DiscriminatorHead(nn.Module):
   def __call__(self, h, *, train: bool):
     d = self.make.conv(h.shape[-1], 1, name='conv')(h)
     d = nn.leaky_relu(self.make.norm(name='norm')(d, train=train), 0.2)
-    patch_logits = self.make.conv(1, 4, stride=2, use_bias=False, name='patch')(d)
+    patch_logits = layers.PatchConv(1, dtype=self.make.dtype, param_dtype=self.make.param_dtype,
+                                    name='patch')(d)
     # A kernel spanning the whole map: the official 64x64 conv at 256 px, any size here.
     class_logits = nn.Conv(self.num_classes, d.shape[1:3], padding='VALID', use_bias=True,
                            kernel_init=layers.weight_init, dtype=self.make.dtype,

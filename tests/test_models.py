@@ -132,3 +132,56 @@ def test_norm_gradient_sums_agree_in_both_backend_forms(per_example):
     sums = form(jnp.asarray(dy), jnp.asarray(x_hat), per_example)
     for got, want in zip(sums, exact):
       np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-3)
+
+
+def _float64(*arrays):
+  return [jnp.asarray(np.asarray(a, np.float64)) for a in arrays]
+
+
+@pytest.mark.parametrize('shape', [(2, 16, 12, 5), (1, 8, 8, 3)])
+def test_downsampling_gradients_by_phase_equal_the_strided_convolutions(shape):
+  """The CPU backward of the stride-2 convolution (sub-pixel input gradient, space-to-depth
+  kernel gradient) against float64 autodiff of the strided convolution; the other
+  backends' form (XLA's own) too."""
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal(shape).astype(np.float32)
+  kernel = rng.standard_normal((3, 3, shape[-1], 7)).astype(np.float32)
+  dy = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, 7)).astype(np.float32)
+  with jax.enable_x64(True):
+    want = jax.vjp(layers._strided_conv, *_float64(x, kernel))[1](*_float64(dy))
+    for form in (layers._phase_gradients, layers._xla_gradients):
+      got = form(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(dy))
+      for g, w in zip(got, want):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
+  down = layers.DownConv(7)
+  variables = {'params': {'kernel': jnp.asarray(kernel)}}
+  np.testing.assert_allclose(down.apply(variables, x), layers._strided_conv(x, kernel),
+                             atol=1e-5)
+
+
+def test_tap_convolution_and_its_gradient_equal_the_convolution():
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 14, 11, 6)).astype(np.float32)
+  kernel = rng.standard_normal((7, 7, 6, 1)).astype(np.float32)
+  dy = rng.standard_normal((2, 8, 5, 1)).astype(np.float32)
+  got = jax.vjp(layers._tap_conv, jnp.asarray(x), jnp.asarray(kernel))
+  with jax.enable_x64(True):
+    want = jax.vjp(layers._valid_conv, *_float64(x, kernel))
+    pairs = [(got[0], want[0])] + list(zip(got[1](jnp.asarray(dy)), want[1](*_float64(dy))))
+  for g, w in pairs:
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
+
+
+@pytest.mark.parametrize('size', [(8, 8), (25, 24), (7, 9)])
+def test_patch_convolution_by_phase_equals_the_strided_one(size):
+  """Odd sizes included: their last row or column is one no window reaches."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, *size, 5)).astype(np.float32)
+  kernel = rng.standard_normal((4, 4, 5, 1)).astype(np.float32)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+  got = jax.value_and_grad(loss(layers._patch_conv_by_phase), (0, 1))(x, kernel)
+  with jax.enable_x64(True):
+    want = jax.value_and_grad(loss(layers._patch_conv_strided), (0, 1))(*_float64(x, kernel))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
