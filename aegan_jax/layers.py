@@ -413,15 +413,14 @@ def _add_bias(module, y):
   return y + bias.astype(y.dtype)
 
 
-class UpConv(nn.Module):
-  """ConvTranspose2d(k=3, s=2, p=1, output_padding=1): exactly doubles H and W.
+class ResamplingConv(nn.Module):
+  """A 3x3 convolution that doubles or halves H and W: `resample(x, kernel)`.
 
-  The kernel is stored as `[kh, kw, in, out]` holding torch's `[in, out, kh,
-  kw]` weight unchanged in meaning.  It runs in sub-pixel form
-  (`_subpixel_upsample`): the same result as the dilated-input formulation,
-  whose kernel gradient XLA:CPU computes about 100x slower.
+  The kernel is stored as `[kh, kw, in, out]`; for the transposed convolution it holds
+  torch's `[in, out, kh, kw]` weight unchanged in meaning.
   """
   features: int
+  resample: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -430,23 +429,15 @@ class UpConv(nn.Module):
   def __call__(self, x):
     kernel = self.param('kernel', weight_init, (3, 3, x.shape[-1], self.features),
                         self.param_dtype)
-    y = _subpixel_upsample(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = self.resample(x.astype(self.dtype), kernel.astype(self.dtype))
     return _add_bias(self, y) if self.use_bias else y
 
 
-class DownConv(nn.Module):
-  """Conv2d(k=3, s=2, p=1) on an even-sized input: exactly halves H and W."""
-  features: int
-  use_bias: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', weight_init, (3, 3, x.shape[-1], self.features),
-                        self.param_dtype)
-    y = downsample_conv(x.astype(self.dtype), kernel.astype(self.dtype))
-    return _add_bias(self, y) if self.use_bias else y
+# ConvTranspose2d(k=3, s=2, p=1, output_padding=1), in sub-pixel form: the same result as
+# the dilated-input formulation, whose kernel gradient XLA:CPU computes about 100x slower.
+UpConv = functools.partial(ResamplingConv, resample=_subpixel_upsample)
+# Conv2d(k=3, s=2, p=1) on an even-sized input.
+DownConv = functools.partial(ResamplingConv, resample=downsample_conv)
 
 
 class ChannelAttention(nn.Module):
