@@ -173,6 +173,38 @@ def test_tap_convolution_and_its_gradient_equal_the_convolution():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
 
 
+@pytest.mark.parametrize('shape', [(2, 5, 6, 4), (1, 3, 3, 2)])
+def test_upsampling_by_phase_and_its_gradients_equal_the_subpixel_form(shape):
+  """The CPU transposed convolution (one convolution per output phase; input gradient as a
+  stride-2 convolution) against float64 autodiff of the sub-pixel form; the other
+  backends' form too."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal(shape).astype(np.float32)
+  kernel = rng.standard_normal((3, 3, shape[-1], 3)).astype(np.float32)
+  dy = rng.standard_normal((shape[0], 2 * shape[1], 2 * shape[2], 3)).astype(np.float32)
+  with jax.enable_x64(True):
+    want = jax.vjp(layers._subpixel_upsample, *_float64(x, kernel))
+    want = [want[0], *want[1](*_float64(dy))]
+  for form in (layers._upsample_by_phase, layers._subpixel_upsample):
+    y, pullback = jax.vjp(form, jnp.asarray(x), jnp.asarray(kernel))
+    for g, w in zip([y, *pullback(jnp.asarray(dy))], want):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
+
+
+@pytest.mark.parametrize('channels', [1, 5])
+def test_convolution_from_few_channels_and_its_gradient_equal_the_convolution(channels):
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((2, 13, 10, channels)).astype(np.float32)
+  kernel = rng.standard_normal((7, 7, channels, 6)).astype(np.float32)
+  dy = rng.standard_normal((2, 7, 4, 6)).astype(np.float32)
+  got = jax.vjp(layers._conv_from_few_channels, jnp.asarray(x), jnp.asarray(kernel))
+  with jax.enable_x64(True):
+    want = jax.vjp(layers._valid_conv, *_float64(x, kernel))
+    pairs = [(got[0], want[0])] + list(zip(got[1](jnp.asarray(dy)), want[1](*_float64(dy))))
+  for g, w in pairs:
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
+
+
 @pytest.mark.parametrize('size', [(8, 8), (25, 24), (7, 9)])
 def test_patch_convolution_by_phase_equals_the_strided_one(size):
   """Odd sizes included: their last row or column is one no window reaches."""
