@@ -160,17 +160,24 @@ def test_downsampling_gradients_by_phase_equal_the_strided_convolutions(shape):
                              atol=1e-5)
 
 
+def _assert_vjp_equals_float64(form, reference, x, kernel, dy):
+  """form(x, kernel) and its gradients for cotangent dy, against float64 autodiff of
+  reference."""
+  y, pullback = jax.vjp(form, jnp.asarray(x), jnp.asarray(kernel))
+  got = [y, *pullback(jnp.asarray(dy))]
+  with jax.enable_x64(True):
+    want_y, want_pullback = jax.vjp(reference, *_float64(x, kernel))
+    want = [want_y, *want_pullback(*_float64(dy))]
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
+
+
 def test_tap_convolution_and_its_gradient_equal_the_convolution():
   rng = np.random.default_rng(3)
   x = rng.standard_normal((2, 14, 11, 6)).astype(np.float32)
   kernel = rng.standard_normal((7, 7, 6, 1)).astype(np.float32)
   dy = rng.standard_normal((2, 8, 5, 1)).astype(np.float32)
-  got = jax.vjp(layers._tap_conv, jnp.asarray(x), jnp.asarray(kernel))
-  with jax.enable_x64(True):
-    want = jax.vjp(layers._valid_conv, *_float64(x, kernel))
-    pairs = [(got[0], want[0])] + list(zip(got[1](jnp.asarray(dy)), want[1](*_float64(dy))))
-  for g, w in pairs:
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
+  _assert_vjp_equals_float64(layers._tap_conv, layers._valid_conv, x, kernel, dy)
 
 
 @pytest.mark.parametrize('shape', [(2, 5, 6, 4), (1, 3, 3, 2)])
@@ -182,13 +189,8 @@ def test_upsampling_by_phase_and_its_gradients_equal_the_subpixel_form(shape):
   x = rng.standard_normal(shape).astype(np.float32)
   kernel = rng.standard_normal((3, 3, shape[-1], 3)).astype(np.float32)
   dy = rng.standard_normal((shape[0], 2 * shape[1], 2 * shape[2], 3)).astype(np.float32)
-  with jax.enable_x64(True):
-    want = jax.vjp(layers._subpixel_upsample, *_float64(x, kernel))
-    want = [want[0], *want[1](*_float64(dy))]
   for form in (layers._upsample_by_phase, layers._subpixel_upsample):
-    y, pullback = jax.vjp(form, jnp.asarray(x), jnp.asarray(kernel))
-    for g, w in zip([y, *pullback(jnp.asarray(dy))], want):
-      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
+    _assert_vjp_equals_float64(form, layers._subpixel_upsample, x, kernel, dy)
 
 
 @pytest.mark.parametrize('channels', [1, 5])
@@ -197,12 +199,7 @@ def test_convolution_from_few_channels_and_its_gradient_equal_the_convolution(ch
   x = rng.standard_normal((2, 13, 10, channels)).astype(np.float32)
   kernel = rng.standard_normal((7, 7, channels, 6)).astype(np.float32)
   dy = rng.standard_normal((2, 7, 4, 6)).astype(np.float32)
-  got = jax.vjp(layers._conv_from_few_channels, jnp.asarray(x), jnp.asarray(kernel))
-  with jax.enable_x64(True):
-    want = jax.vjp(layers._valid_conv, *_float64(x, kernel))
-    pairs = [(got[0], want[0])] + list(zip(got[1](jnp.asarray(dy)), want[1](*_float64(dy))))
-  for g, w in pairs:
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
+  _assert_vjp_equals_float64(layers._conv_from_few_channels, layers._valid_conv, x, kernel, dy)
 
 
 @pytest.mark.parametrize('size', [(8, 8), (25, 24), (7, 9)])
