@@ -460,7 +460,10 @@ downsample_conv.defvjp(lambda x, kernel: (_strided_conv(x, kernel), (x, kernel))
 
 
 def _add_bias(module, y):
-  """y + a learned per-channel bias named 'bias', as `nn.Conv` keeps it."""
+  """y + a learned per-channel bias named 'bias', as `nn.Conv` keeps it, where the
+  module's `use_bias` asks for one."""
+  if not module.use_bias:
+    return y
   bias = module.param('bias', nn.initializers.zeros, (y.shape[-1],), module.param_dtype)
   return y + bias.astype(y.dtype)
 
@@ -482,7 +485,7 @@ class ResamplingConv(nn.Module):
     kernel = self.param('kernel', weight_init, (3, 3, x.shape[-1], self.features),
                         self.param_dtype)
     y = self.resample(x.astype(self.dtype), kernel.astype(self.dtype))
-    return _add_bias(self, y) if self.use_bias else y
+    return _add_bias(self, y)
 
 
 # ConvTranspose2d(k=3, s=2, p=1, output_padding=1) as stride-1 convolutions: the same result
@@ -677,7 +680,7 @@ class FewChannelConv(nn.Module):
                         (self.kernel, self.kernel, x.shape[-1], self.features), self.param_dtype)
     y = jax.lax.platform_dependent(x.astype(self.dtype), kernel.astype(self.dtype),
                                    cpu=self.convolve, default=_valid_conv)
-    return _add_bias(self, y) if self.use_bias else y
+    return _add_bias(self, y)
 
 
 class OutputConv(nn.Module):
