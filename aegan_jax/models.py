@@ -55,7 +55,8 @@ class SynthesisGenerator(Network):
 
   Input `[N, H, W, B * (1 + M)]`: B = M - 1 branches, each the image of one
   input modality followed by the M one-hot target planes
-  (`modalities.assemble_generator_input`).  One encoder per branch, a 1x1
+  (`modalities.assemble_generator_input`; the planes must be constant over H and W,
+  as there, since the first conv reads them at one pixel).  One encoder per branch, a 1x1
   fusion conv, ResNet blocks, then two upsampling stages with channel
   attention.  The fields are `config.model`'s (see `build_networks`).
   """
@@ -76,7 +77,8 @@ class SynthesisGenerator(Network):
     check_image_size(x.shape[1], x.shape[2])
     make = layers.layer_factory(self.norm, self.dtype, self.param_dtype)
     branches = jnp.split(x.astype(make.dtype), num_branches, axis=-1)
-    encoded = [layers.BranchEncoder(make, self.ngf, name=f'encoder_{i}')(b, train=train)
+    encoded = [layers.BranchEncoder(make, self.ngf, constant_planes=True,
+                                    name=f'encoder_{i}')(b, train=train)
                for i, b in enumerate(branches)]
     h = nn.relu(make.conv(4 * self.ngf, 1, use_bias=True, name='fuse')(
         jnp.concatenate(encoded, axis=-1)))

@@ -138,18 +138,18 @@ def _float64(*arrays):
   return [jnp.asarray(np.asarray(a, np.float64)) for a in arrays]
 
 
-@pytest.mark.parametrize('shape', [(2, 16, 12, 5), (1, 8, 8, 3)])
+@pytest.mark.parametrize('shape', [(2, 16, 12, 5), (1, 8, 8, 3), (1, 72, 66, 2)])
 def test_downsampling_gradients_by_phase_equal_the_strided_convolutions(shape):
   """The CPU backward of the stride-2 convolution (sub-pixel input gradient, space-to-depth
-  kernel gradient) against float64 autodiff of the strided convolution; the other
-  backends' form (XLA's own) too."""
+  kernel gradient) against float64 autodiff of the strided convolution; XLA's own and the
+  CPU choice between the two by size (the last shape is above its threshold) too."""
   rng = np.random.default_rng(2)
   x = rng.standard_normal(shape).astype(np.float32)
   kernel = rng.standard_normal((3, 3, shape[-1], 7)).astype(np.float32)
   dy = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, 7)).astype(np.float32)
   with jax.enable_x64(True):
     want = jax.vjp(layers._strided_conv, *_float64(x, kernel))[1](*_float64(dy))
-    for form in (layers._phase_gradients, layers._xla_gradients):
+    for form in (layers._phase_gradients, layers._xla_gradients, layers._cpu_gradients):
       got = form(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(dy))
       for g, w in zip(got, want):
         assert g.dtype == jnp.float32
@@ -200,6 +200,24 @@ def test_convolution_from_few_channels_and_its_gradient_equal_the_convolution(ch
   kernel = rng.standard_normal((7, 7, channels, 6)).astype(np.float32)
   dy = rng.standard_normal((2, 7, 4, 6)).astype(np.float32)
   _assert_vjp_equals_float64(layers._conv_from_few_channels, layers._valid_conv, x, kernel, dy)
+
+
+def test_convolution_with_constant_planes_folded_equals_the_convolution():
+  """The generator's first convolution: the constant one-hot planes folded into a bias give
+  the convolution's output, kernel gradient and image-channel input gradient."""
+  rng = np.random.default_rng(7)
+  image = rng.standard_normal((3, 13, 10, 1))
+  planes = np.broadcast_to(np.eye(4)[[2, 0, 3], None, None, :], (3, 13, 10, 4))
+  x = np.concatenate([image, planes], -1).astype(np.float32)
+  kernel = rng.standard_normal((7, 7, 5, 6)).astype(np.float32)
+  dy = rng.standard_normal((3, 7, 4, 6)).astype(np.float32)
+  y, pullback = jax.vjp(layers._conv_from_constant_planes, jnp.asarray(x), jnp.asarray(kernel))
+  dx, d_kernel = pullback(jnp.asarray(dy))
+  with jax.enable_x64(True):
+    want_y, want_pullback = jax.vjp(layers._valid_conv, *_float64(x, kernel))
+    want_dx, want_kernel = want_pullback(*_float64(dy))
+  for g, w in ((y, want_y), (d_kernel, want_kernel), (dx[..., :1], want_dx[..., :1])):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(w)).max())
 
 
 @pytest.mark.parametrize('size', [(8, 8), (25, 24), (7, 9)])
