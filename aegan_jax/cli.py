@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from aegan_jax import checkpoints
+from aegan_jax import host_memory
 from aegan_jax import parallel
 from aegan_jax import job
 
@@ -11,6 +12,7 @@ from aegan_jax import job
 def run(config, workdir, *, mode='train', step=None, coordinator_address=None,
         num_processes=None, process_id=None) -> int:
   """Runs `mode`; user mistakes print one `error:` line and return 2."""
+  host_memory.keep_freed_memory()
   parallel.maybe_initialize_distributed(coordinator_address, num_processes, process_id)
   from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
   from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top

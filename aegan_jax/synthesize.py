@@ -36,6 +36,7 @@ import nibabel as nib
 import numpy as np
 
 from aegan_jax import checkpoints
+from aegan_jax import host_memory
 from aegan_jax import inference
 from aegan_jax import models
 from data_prep import layouts
@@ -360,6 +361,7 @@ def _summary(seconds) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  host_memory.keep_freed_memory()
   try:
     run(args)
   except (SynthesisError, DataError, checkpoints.CheckpointError) as e:

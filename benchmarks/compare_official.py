@@ -24,6 +24,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 
+from aegan_jax import host_memory  # noqa: E402  (on the path train_step puts it on)
+
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -84,6 +86,7 @@ def compare(args, size, batch, ngf):
 
 def main(argv=None):
   args = parse_args(argv)
+  host_memory.keep_freed_memory()  # as launch.py does; the torch subprocess is untouched
   machine = f'{platform.processor() or platform.machine()}, {args.threads} torch threads'
   print(f'{time.strftime("%Y-%m-%d")}, {_cpu_name()}, {machine}')
   rows = []

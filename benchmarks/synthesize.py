@@ -26,6 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from aegan_jax import host_memory  # noqa: E402
 from aegan_jax import inference  # noqa: E402
 from aegan_jax import models  # noqa: E402
 from aegan_jax import synthesize  # noqa: E402
@@ -67,6 +68,7 @@ def make_synthesizer(args):
 
 def main(argv=None):
   args = parse_args(argv)
+  host_memory.keep_freed_memory()  # as the synthesis command does
   shape = tuple(int(s) for s in args.shape.split(','))
   synthesizer = make_synthesizer(args)
   with tempfile.TemporaryDirectory() as tmp:

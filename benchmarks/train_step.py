@@ -20,6 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from aegan_jax import host_memory  # noqa: E402
 from aegan_jax import modalities  # noqa: E402
 from aegan_jax import train  # noqa: E402
 from configs import brats  # noqa: E402
@@ -118,6 +119,7 @@ def measure(size, batch, ngf, dtype, steps):
 
 def main(argv=None):
   args = parse_args(argv)
+  host_memory.keep_freed_memory()  # as launch.py does
   results = measure(args.size, args.batch, args.ngf, args.dtype, args.steps)
   median, flops, compile_s = (results['median_s_per_iter'], results['flops_per_iter'],
                               results['compile_s'])
