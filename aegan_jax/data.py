@@ -118,7 +118,7 @@ class Augment(grain.transforms.RandomMap):
 SCENARIOS = ('single', 'any', 'curriculum')
 # The `config.data` fields that are `make_loader` keywords (the training job passes them on).
 LOADER_FIELDS = ('targets', 'flip', 'random_crop', 'scenarios', 'curriculum_stage_examples',
-                 'worker_count')
+                 'scenario_weights', 'worker_count')
 
 
 def scenario_pairs(targets, num_modalities: int,
@@ -136,15 +136,33 @@ def scenario_pairs(targets, num_modalities: int,
   return pairs
 
 
-class SampleScenario(grain.transforms.RandomMap):
-  """Draws a scenario per example, uniformly over the (target, inputs) pairs with at least
-  `fewest_inputs` inputs: M - 1 is the paper's scenario ('single'), 1 any set ('any')."""
+def scenario_probabilities(pairs, weights) -> np.ndarray | None:
+  """Per-pair probabilities: `weights[k - 1]` is the share of examples with k inputs,
+  split evenly over that count's pairs.  None (uniform over pairs) for no weights."""
+  if not weights:
+    return None
+  inputs = np.array([available.sum() for _, available in pairs])
+  share = np.asarray(weights, np.float64)[inputs - 1]
+  per_pair = share / np.bincount(inputs)[inputs]
+  return per_pair / per_pair.sum()
 
-  def __init__(self, targets: Sequence[int], num_modalities: int, fewest_inputs: int):
+
+class SampleScenario(grain.transforms.RandomMap):
+  """Draws a scenario per example over the (target, inputs) pairs with at least
+  `fewest_inputs` inputs: M - 1 is the paper's scenario ('single'), 1 any set ('any');
+  uniformly, or with `weights` per number of inputs (`scenario_probabilities`)."""
+
+  def __init__(self, targets: Sequence[int], num_modalities: int, fewest_inputs: int,
+               weights: Sequence[float] = ()):
     self.pairs = scenario_pairs(targets, num_modalities, fewest_inputs)
+    self.probabilities = scenario_probabilities(self.pairs, weights)
 
   def random_map(self, element, rng: np.random.Generator):
-    target, available = self.pairs[rng.integers(len(self.pairs))]
+    if self.probabilities is None:
+      index = rng.integers(len(self.pairs))
+    else:
+      index = rng.choice(len(self.pairs), p=self.probabilities)
+    target, available = self.pairs[index]
     return {**element, 'target_index': np.int32(target), 'available': available}
 
 
@@ -175,13 +193,20 @@ class CurriculumScenario:
                                            'available': available})
 
 
-def check_scenario_options(scenarios: str, curriculum_stage_examples: int) -> None:
+def check_scenario_options(*, scenarios: str, curriculum_stage_examples: int,
+                           scenario_weights: Sequence[float], num_modalities: int) -> None:
   """config.data's scenario fields; a bad value raises ValueError naming the field."""
   if scenarios not in SCENARIOS:
     raise ValueError(f'config.data.scenarios={scenarios!r} must be one of {SCENARIOS}')
   if curriculum_stage_examples <= 0:
     raise ValueError(f'config.data.curriculum_stage_examples={curriculum_stage_examples} '
                      'must be positive')
+  weights = tuple(scenario_weights)
+  if weights and (scenarios != 'any' or len(weights) != num_modalities - 1 or
+                  not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0):
+    raise ValueError(f'config.data.scenario_weights={weights!r} must be empty, or with '
+                     f"data.scenarios='any' hold {num_modalities - 1} non-negative shares "
+                     '(of examples with 1, 2, ... inputs) with a positive sum')
 
 
 def _process(process_index, process_count):
@@ -196,7 +221,8 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
                 split: str = 'train', targets: Sequence[int] | None = None,
                 flip: bool = False, random_crop: bool = False,
                 crop_padding: int | None = None, scenarios: str = 'single',
-                curriculum_stage_examples: int = 20000, shuffle: bool = True,
+                curriculum_stage_examples: int = 20000,
+                scenario_weights: Sequence[float] = (), shuffle: bool = True,
                 num_epochs: int | None = None, drop_remainder: bool = True,
                 worker_count: int = 0, process_index: int | None = None,
                 process_count: int | None = None) -> grain.DataLoader:
@@ -207,9 +233,10 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
   shards equally long, so an epoch skips up to ``process_count - 1`` records;
   use ``iterate_split`` to visit every slice (evaluation).
   """
-  check_scenario_options(scenarios, curriculum_stage_examples)
   manifest = load_manifest(prepared_dir)
   num_modalities = len(manifest['modalities'])
+  check_scenario_options(scenarios=scenarios, curriculum_stage_examples=curriculum_stage_examples,
+                         scenario_weights=scenario_weights, num_modalities=num_modalities)
   targets = tuple(targets or range(num_modalities))
   if any(not 0 <= t < num_modalities for t in targets):
     raise ValueError(f'targets {targets} must index {manifest["modalities"]}')
@@ -233,7 +260,8 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
   operations += [CurriculumScenario(targets, num_modalities, seed, curriculum_stage_examples)
                  if scenarios == 'curriculum' else
                  SampleScenario(targets, num_modalities,
-                                1 if scenarios == 'any' else num_modalities - 1),
+                                1 if scenarios == 'any' else num_modalities - 1,
+                                scenario_weights),
                  grain.transforms.Batch(global_batch_size // process_count,
                                         drop_remainder=drop_remainder)]
   if worker_count > 0:

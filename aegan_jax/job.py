@@ -50,7 +50,11 @@ def log(message: str) -> None:
 def validate_config(config) -> None:
   """Fails fast, naming the field, on values that would break deep inside training."""
   try:  # the loader checks its own scenario fields
-    data.check_scenario_options(config.data.scenarios, config.data.curriculum_stage_examples)
+    data.check_scenario_options(
+        scenarios=config.data.scenarios,
+        curriculum_stage_examples=config.data.curriculum_stage_examples,
+        scenario_weights=config.data.scenario_weights,
+        num_modalities=len(config.data.modalities))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   checks = [

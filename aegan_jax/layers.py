@@ -70,7 +70,9 @@ class BatchNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, weights=None):
+    """`weights` [N] (training only): example n counts weights[n] times in the batch
+    moments, so an example of weight 0 (an absent input slot) changes no statistic."""
     features = x.shape[-1]
     scale = self.param('scale', scale_init, (features,), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
@@ -80,9 +82,16 @@ class BatchNorm(nn.Module):
     if not train:
       inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale.astype(acc)
       return ((x.astype(acc) - running_mean.value) * inv + bias.astype(acc)).astype(self.dtype)
-    y, mean, var = normalize(x, scale.astype(acc), bias.astype(acc), False, self.epsilon)
-    count = x.size // features
-    unbiased_var = var * (count / max(count - 1, 1))
+    if weights is None:
+      y, mean, var = normalize(x, scale.astype(acc), bias.astype(acc), False, self.epsilon)
+      count = x.size // features
+      unbiased_var = var * (count / max(count - 1, 1))
+    else:
+      weights = weights.astype(acc)
+      y, mean, var = weighted_normalize(x, weights, scale.astype(acc), bias.astype(acc),
+                                        self.epsilon)
+      count = _moment_count(x, False, weights)
+      unbiased_var = var * (count / jnp.maximum(count - 1, 1))
     if not self.is_initializing():
       running_mean.value = ema_update(running_mean.value, mean, self.momentum)
       running_var.value = ema_update(running_var.value, unbiased_var, self.momentum)
@@ -155,25 +164,35 @@ def normalize(x, scale, bias, per_example: bool, epsilon: float):
   return _normalize_fwd(x, scale, bias, per_example, epsilon)[0]
 
 
-def _moment_sums(v, per_example):
-  return channel_sums(v) if per_example else batch_sum(channel_sums(v))
+def _moment_sums(v, per_example, weights=None):
+  if per_example:
+    return channel_sums(v)
+  sums = channel_sums(v)
+  return batch_sum(sums if weights is None else sums * weights[:, None])
 
 
-def _moment_count(x, per_example):
-  """Elements behind each moment: H * W per example, or N * H * W."""
+def _moment_count(x, per_example, weights=None):
+  """Elements behind each moment: H * W per example, N * H * W, or sum(weights) * H * W
+  (at least 1, so a batch of weight 0 gives finite moments)."""
+  if weights is not None:
+    return jnp.maximum(batch_sum(weights), 1e-12) * (x.shape[1] * x.shape[2])
   return x.size // x.shape[-1] // (x.shape[0] if per_example else 1)
 
 
-def _normalize_fwd(x, scale, bias, per_example, epsilon):
-  count = _moment_count(x, per_example)
+def _moments_fwd(x, scale, bias, per_example, epsilon, weights):
+  count = _moment_count(x, per_example, weights)
   wide = x.astype(scale.dtype)
-  mean = _moment_sums(wide, per_example) / count
+  mean = _moment_sums(wide, per_example, weights) / count
   centered = wide - _over_hw(mean)
-  var = _moment_sums(centered * centered, per_example) / count
+  var = _moment_sums(centered * centered, per_example, weights) / count
   inv = jax.lax.rsqrt(var + epsilon)
   y = centered * _over_hw(inv) * scale + bias
   moments = (jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
   return (y, *moments), (x, mean, inv, scale)
+
+
+def _normalize_fwd(x, scale, bias, per_example, epsilon):
+  return _moments_fwd(x, scale, bias, per_example, epsilon, None)
 
 
 def _sums_side_by_side(dy, x_hat, per_example):
@@ -188,30 +207,61 @@ def _sums_separately(dy, x_hat, per_example):
 def _gradient_sums(dy, x_hat, per_example):
   """(sums of dy, sums of dy * x_hat), as `_moment_sums` takes them.
 
-  On a CPU, one product over the two arrays side by side made the whole iteration 7-11%
-  faster (64 and 128 px).  A GPU fuses each sum with the product feeding it instead, and
-  the side-by-side copy there took 3.5x the norm's time (H200, batch 128).
+  On a CPU, one product over the two arrays side by side is faster; a GPU fuses each
+  sum with the product feeding it instead, where the side-by-side copy cost more than
+  the norm itself (docs/speed.md).
   """
   return jax.lax.platform_dependent(
       dy, x_hat, cpu=functools.partial(_sums_side_by_side, per_example=per_example),
       default=functools.partial(_sums_separately, per_example=per_example))
 
 
-def _normalize_bwd(per_example, epsilon, residuals, cotangents):
-  del epsilon
+def _moments_bwd(per_example, residuals, cotangents, weights):
+  """The closed-form gradient.  With weights, the moments are weighted means, so
+  d mean / d x_n and d var / d x_n carry the factor weights[n] / count; the sums of dy
+  run over every example, whose outputs all depend on the moments."""
   x, mean, inv, scale = residuals
   x_hat = (x.astype(scale.dtype) - _over_hw(mean)) * _over_hw(inv)
   dy = cotangents[0]
-  count = _moment_count(x, per_example)
+  count = _moment_count(x, per_example, weights)
   d_bias, d_scale = _gradient_sums(dy, x_hat, per_example)
-  dx = _over_hw(inv * scale / count) * (
-      count * dy - _over_hw(d_bias) - x_hat * _over_hw(d_scale))
+  d_bias_x, d_scale_x = _over_hw(d_bias), x_hat * _over_hw(d_scale)
+  if weights is not None:
+    d_bias_x, d_scale_x = (v * weights[:, None, None, None] for v in (d_bias_x, d_scale_x))
+  dx = _over_hw(inv * scale / count) * (count * dy - d_bias_x - d_scale_x)
   if per_example:
     d_bias, d_scale = d_bias.sum(0), d_scale.sum(0)
   return dx.astype(x.dtype), d_scale, d_bias
 
 
+def _normalize_bwd(per_example, epsilon, residuals, cotangents):
+  del epsilon
+  return _moments_bwd(per_example, residuals, cotangents, None)
+
+
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def weighted_normalize(x, weights, scale, bias, epsilon: float):
+  """`normalize` over the batch with example n counted `weights[n]` times (0: left out
+  of the moments; its output is still normalised with them).  Returns (y, mean, var)."""
+  return _moments_fwd(x, scale, bias, False, epsilon, weights)[0]
+
+
+def _weighted_fwd(x, weights, scale, bias, epsilon):
+  outputs, residuals = _moments_fwd(x, scale, bias, False, epsilon, weights)
+  return outputs, (residuals, weights)
+
+
+def _weighted_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  residuals, weights = residuals
+  dx, d_scale, d_bias = _moments_bwd(False, residuals, cotangents, weights)
+  return dx, jnp.zeros_like(weights), d_scale, d_bias
+
+
+weighted_normalize.defvjp(_weighted_fwd, _weighted_bwd)
 
 
 def per_example_dot(lhs, rhs, dimension_numbers, precision=None,
@@ -236,8 +286,8 @@ class InstanceNorm(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
-    del train  # Same computation in both modes.
+  def __call__(self, x, *, train: bool, weights=None):
+    del train, weights  # Same computation in both modes; each example has its own moments.
     acc = accumulation_dtype(self.dtype)
     ones, zeros = jnp.ones(x.shape[-1], acc), jnp.zeros(x.shape[-1], acc)
     return normalize(x, ones, zeros, True, self.epsilon)[0].astype(self.dtype)
@@ -567,24 +617,51 @@ class ResnetBlock(nn.Module):
     return x + self.make.norm(name='norm_1')(h, train=train)
 
 
+class Modulation(nn.Module):
+  """x * (1 + scale) + shift per channel, both linear in a per-example code [N, K]
+  (one-hot modality codes: a learned scale and shift per code entry).  Zero at
+  initialisation, so the layer starts as the identity."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, code):
+    channels = x.shape[-1]
+    both = nn.Dense(2 * channels, use_bias=False, kernel_init=nn.initializers.zeros,
+                    dtype=self.dtype, param_dtype=self.param_dtype, dot_general=per_example_dot,
+                    name='film')(code.astype(self.dtype))
+    scale, shift = jnp.split(both[:, None, None, :].astype(x.dtype), 2, axis=-1)
+    return x * (1 + scale) + shift
+
+
 class BranchEncoder(nn.Module):
   """7x7 conv then two stride-2 3x3 convs, each followed by norm and ReLU.
 
   `constant_planes`: the input's channels after the first are constant over H and W
   (the generator's one-hot target planes), so the first conv folds them into a bias.
+  `conditioned`: each norm is followed by a `Modulation` by the call's `code` (the
+  any-set generator's slot and target identities).  `weights` [N] go to the norms:
+  an example of weight 0 (an absent input) stays out of batch statistics.
   """
   make: LayerFactory
   ngf: int = 64
   constant_planes: bool = False
+  conditioned: bool = False
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, weights=None, code=None):
     convolve = _conv_from_constant_planes if self.constant_planes else _conv_from_few_channels
+
+    def norm_relu(h, name):
+      h = self.make.norm(name=f'norm_{name}')(h, train=train, weights=weights)
+      if self.conditioned:
+        h = Modulation(self.make.dtype, self.make.param_dtype, name=f'modulation_{name}')(h, code)
+      return nn.relu(h)
+
     h = self.make.few_channel_conv(self.ngf, 7, convolve, name='conv_in')(reflect_pad(x, 3))
-    h = nn.relu(self.make.norm(name='norm_in')(h, train=train))
+    h = norm_relu(h, 'in')
     for i, features in enumerate((2 * self.ngf, 4 * self.ngf)):
-      h = self.make.down(features, name=f'down_{i}')(h)
-      h = nn.relu(self.make.norm(name=f'norm_down_{i}')(h, train=train))
+      h = norm_relu(self.make.down(features, name=f'down_{i}')(h), f'down_{i}')
     return h
 
 

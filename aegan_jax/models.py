@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from aegan_jax import layers
@@ -88,14 +89,16 @@ class SynthesisGenerator(Network):
 class AnySetGenerator(Network):
   """One generator for any non-empty set of inputs and any missing target.
 
-  One encoder with shared weights reads every modality slot; a learned per-slot
-  scale and shift says which modality a slot holds.  Absent slots are zeroed before
-  the encoder and left out of the fusion (masked mean and masked max over slots), so
-  an absent image cannot influence the output.  The target enters as a learned scale
-  and shift of the fused features.  Then the official ResNet blocks, decoder with
-  channel attention and output, with the same two decoder features for the
-  self-representation loss.  Shapes are fixed (availability [N, M], target [N]):
-  one program serves every subset, and M adds only embeddings.
+  The M - 1 modalities other than the target fill M - 1 slots, in the official
+  generator's branch order; absent ones are zeroed.  One encoder with shared weights
+  reads every slot, each norm followed by a learned scale and shift for the slot's
+  modality and the target (conditional normalisation), and absent slots stay out of
+  BatchNorm's batch statistics.  The fusion takes the mean and the max over the
+  present slots only, so an absent image cannot influence the output; the target
+  enters again as a learned scale and shift of the fused features.  Then the official
+  ResNet blocks, decoder with channel attention and output, with the same two decoder
+  features for the self-representation loss.  Shapes are fixed (availability [N, M],
+  target [N]): one program serves every subset, and M adds only embeddings.
   """
   num_modalities: int = 4
 
@@ -111,16 +114,29 @@ class AnySetGenerator(Network):
       raise ValueError(f'any-set generator: images {images.shape} and available '
                        f'{available.shape} must hold the {m} modalities')
     make = layers.layer_factory(self.norm, self.dtype, self.param_dtype)
-    available = available.astype(bool)
-    slots = jnp.where(available[:, None, None, :], images, 0).astype(make.dtype)
-    slots = jnp.moveaxis(slots, -1, 1).reshape(n * m, *images.shape[1:3], 1)
-    encoded = layers.BranchEncoder(make, self.ngf, name='encoder')(slots, train=train)
-    encoded = encoded.reshape(n, m, *encoded.shape[1:])
-    encoded = _film(self, 'slot', encoded, jnp.arange(m)[None, :], m)
-    fused = _masked_fusion(encoded, available)
+    slots, present, code = _input_slots(images, available, target_index, m)
+    encoded = layers.BranchEncoder(make, self.ngf, conditioned=True, name='encoder')(
+        slots.astype(make.dtype), train=train, weights=present.reshape(-1), code=code)
+    encoded = encoded.reshape(n, m - 1, *encoded.shape[1:])
+    fused = _masked_fusion(encoded, present)
     h = nn.relu(make.conv(4 * self.ngf, 1, use_bias=True, name='fuse')(fused))
     h = _film(self, 'target', h, target_index, m)
     return _blocks_and_decoder(self, make, h, train, return_features)
+
+
+def _input_slots(images, available, target_index, m):
+  """The M - 1 non-target modalities as encoder examples: images [N * (M - 1), H, W, 1]
+  (absent ones zeroed), presence [N, M - 1] and one-hot (modality, target) codes
+  [N * (M - 1), 2M]."""
+  n = images.shape[0]
+  sources = jnp.stack(modalities.branch_modalities(target_index, m), axis=1)  # [N, M - 1]
+  present = jnp.take_along_axis(available.astype(bool), sources, axis=1)
+  slots = jnp.take_along_axis(images, sources[:, None, None, :], axis=-1)
+  slots = jnp.where(present[:, None, None, :], slots, 0)
+  slots = jnp.moveaxis(slots, -1, 1).reshape(n * (m - 1), *images.shape[1:3], 1)
+  target_code = jnp.broadcast_to(jax.nn.one_hot(target_index, m)[:, None], (n, m - 1, m))
+  code = jnp.concatenate([jax.nn.one_hot(sources, m), target_code], axis=-1)
+  return slots, present, code.reshape(n * (m - 1), 2 * m)
 
 
 def _blocks_and_decoder(module, make, h, train, return_features):
