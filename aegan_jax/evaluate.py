@@ -174,13 +174,18 @@ def slice_metrics(synthesised, real, batch_size) -> dict[str, np.ndarray]:
   return {name: np.concatenate(values) for name, values in out.items()}
 
 
+@jax.jit
+def _ssim3d(x, y, data_range, mask):
+  return metrics.ssim3d(x, y, data_range=data_range, mask=mask)
+
+
 def _ssim_volume(x, y, mask, data_range) -> float:
   """SSIM of [X, Y, Z] volumes: 3D with >= 11 slices, else the mean masked 2D SSIM."""
   if not mask.any():
     return math.nan
   x, y, mask = (np.moveaxis(v, -1, 0) for v in (x, y, mask))  # [Z, X, Y]
   if x.shape[0] >= MIN_SSIM3D_SLICES:
-    return float(metrics.ssim3d(x, y, data_range=data_range, mask=mask))
+    return float(_ssim3d(x, y, data_range, mask))
   keep = mask.any(axis=(1, 2))
   values = metrics.ssim(x[keep], y[keep], data_range=data_range, mask=mask[keep])
   return float(np.nanmean(np.asarray(values)))
@@ -290,40 +295,66 @@ def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
   modalities = manifest['modalities']
   volumes = subject_volumes(subject, entry, manifest)
   any_set = isinstance(synthesizer.generator, models.AnySetGenerator)
-  rows, synthesised, copies = [], {}, {}
-  for available, t in cells:
-    synth = synthesizer(subject.images, t, available=np.isin(np.arange(len(modalities)),
-                                                             available))
-    if len(available) == len(modalities) - 1:
-      synthesised[t] = synth
-    source = best_input(scores, t, available)
+  synthesised = synthesise_cells(synthesizer, subject.images, cells)
+  sources = [best_input(scores, t, available) for available, t in cells]
+  copied = sorted(set(zip(sources, (t for _, t in cells))))  # a copy depends on these only
+  score = lambda slices, targets: _protocol_results(slices, targets, subject, entry, manifest,
+                                                    volumes, synthesizer.batch_size)
+  models_by_cell = score(synthesised, [t for _, t in cells])
+  copies = dict(zip(copied, score([subject.images[..., j] for j, _ in copied],
+                                  [t for _, t in copied])))
+  rows = []
+  for (available, t), source, model in zip(cells, sources, models_by_cell):
     cell = {'available': available_label(modalities, available)} if any_set else {}
-    if (source, t) not in copies:  # a copy's metrics depend on (source, target) only
-      copies[source, t] = _protocol_results(subject.images[..., source], subject, entry,
-                                            manifest, t, volumes, synthesizer.batch_size)
-    model = _protocol_results(synth, subject, entry, manifest, t, volumes,
-                              synthesizer.batch_size)
     for method, results in (('model', model), ('baseline', copies[source, t])):
       for protocol in PROTOCOLS:
         rows.append({'method': method, 'protocol': protocol, 'target': modalities[t],
                      'subject': subject.subject_id, 'num_slices': len(subject.slices),
                      'source': modalities[source] if method == 'baseline' else '',
                      **cell, **results[protocol]})
-  # Grid material: the slice with the most brain, all modalities and every synthesis.
+  return rows, _grid_material(subject, cells, synthesised, manifest), volumes.source
+
+
+def synthesise_cells(synthesizer, images, cells) -> list[np.ndarray]:
+  """Each (available, target) cell's [S, H, W] synthesis of a subject's slices, from one
+  generator call over all cells (fewer, fuller batches than a call per cell)."""
+  s, m = len(images), images.shape[-1]
+  targets = np.repeat([t for _, t in cells], s)
+  available = np.repeat([np.isin(np.arange(m), a) for a, _ in cells], s, axis=0)
+  out = synthesizer(np.tile(images, (len(cells), 1, 1, 1)), targets,
+                    positions=np.tile(np.arange(s), len(cells)), available=available)
+  return list(out.reshape(len(cells), s, *out.shape[1:]))
+
+
+def _grid_material(subject, cells, synthesised, manifest):
+  """The slice with the most brain: all modalities, each target's paper-scenario
+  synthesis and, with more cells than targets (any-set), every cell's synthesis."""
+  m = len(manifest['modalities'])
+  full = {t: synth for (available, t), synth in zip(cells, synthesised)
+          if len(available) == m - 1}
   k = int(np.argmax((subject.images > manifest['background_value'] + 1e-3).any(-1).sum((1, 2))))
   grid = {'images': subject.images[k].astype(np.float16),
-          'synthesised': np.stack([synthesised[t][k] for t in range(len(modalities))]
-                                  ).astype(np.float16)}
-  return rows, grid, volumes.source
+          'synthesised': np.stack([full[t][k] for t in range(m)]).astype(np.float16)}
+  if len(cells) > m:
+    grid['cells'] = np.stack([synth[k] for synth in synthesised]).astype(np.float16)
+  return grid
 
 
-def _protocol_results(slices, subject, entry, manifest, t, volumes, batch_size):
-  """{protocol: {metric: value}} of synthesised (or copied) slices against target t."""
-  aegan = slice_metrics(slices, subject.images[..., t], batch_size)
-  volume = synthesised_volume(slices, entry, manifest, manifest['modalities'][t], volumes.brain)
-  return {'aegan': {m: float(np.mean(v)) for m, v in aegan.items()},
-          'volume': volume_metrics(volume, volumes.real[t], volumes.brain),
-          'brasyn': brasyn_metrics(volume, volumes.real[t], volumes.brain, volumes.seg)}
+def _protocol_results(slices, targets, subject, entry, manifest, volumes, batch_size):
+  """[{protocol: {metric: value}}] of each [S, H, W] synthesised (or copied) slices against
+  its target; the 2D metrics of all of them in one pass."""
+  s = len(subject.slices)
+  aegan = slice_metrics(np.concatenate(slices),
+                        np.concatenate([subject.images[..., t] for t in targets]), batch_size)
+  results = []
+  for i, (cell_slices, t) in enumerate(zip(slices, targets)):
+    volume = synthesised_volume(cell_slices, entry, manifest, manifest['modalities'][t],
+                                volumes.brain)
+    results.append({
+        'aegan': {m: float(np.mean(v[i * s:(i + 1) * s])) for m, v in aegan.items()},
+        'volume': volume_metrics(volume, volumes.real[t], volumes.brain),
+        'brasyn': brasyn_metrics(volume, volumes.real[t], volumes.brain, volumes.seg)})
+  return results
 
 
 # --------------------------------------------------------------------------
@@ -437,11 +468,11 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
       'summary': summary, 'scalars': scalars(summary, modalities),
       **({'scenarios': summarise_scenarios(rows, modalities, cells)} if any_set else {}),
       'seconds': time.perf_counter() - start,
-      'paths': _output_paths(out_dir, modalities),
+      'paths': _output_paths(out_dir, modalities, any_set),
   }
   if main_process:
     try:
-      reports.write_outputs(report, rows, paper_rows, grids, out_dir)
+      reports.write_outputs(report, rows, paper_rows, grids, out_dir, cells)
     except OSError as e:
       raise EvaluationError(f'{e.filename or out_dir}: cannot write ({e.strerror or e})') from None
   log(f'evaluate: wrote {out_dir} in {report["seconds"]:.1f} s')
@@ -469,9 +500,10 @@ def _synthesizer(config, workdir, step, batch_size, variables, num_modalities):
                                official_test_mode=official_mode)
 
 
-def _output_paths(out_dir, modalities) -> dict[str, str]:
+def _output_paths(out_dir, modalities, any_set) -> dict[str, str]:
+  grids = ('grid', 'inputs') if any_set else ('grid',)
   return {**{name: str(out_dir / name) for name in ('metrics.json', 'metrics.csv', 'metrics.md')},
-          **{f'grid_{t}': str(out_dir / f'grid_{t}.png') for t in modalities}}
+          **{f'{g}_{t}': str(out_dir / f'{g}_{t}.png') for g in grids for t in modalities}}
 
 
 def _check_writable(out_dir: pathlib.Path) -> None:

@@ -36,9 +36,10 @@ def ensure_writable(folder) -> None:
     pass
 
 
-def write_outputs(report, rows, paper_rows, grids, out_dir: pathlib.Path) -> None:
-  """The four kinds of files of `<workdir>/eval/<step>/` (see docs/evaluation.md); the
-  grids show `paper_rows`, the paper's scenario."""
+def write_outputs(report, rows, paper_rows, grids, out_dir: pathlib.Path, cells=()) -> None:
+  """The files of `<workdir>/eval/<step>/` (see docs/evaluation.md); the grids show
+  `paper_rows`, the paper's scenario, and with any-set `cells` (available, target) each
+  target from every set of inputs (inputs_<target>.png)."""
   out_dir.mkdir(parents=True, exist_ok=True)
   modalities = report['modalities']
   with open(out_dir / 'metrics.json', 'w') as f:
@@ -46,8 +47,10 @@ def write_outputs(report, rows, paper_rows, grids, out_dir: pathlib.Path) -> Non
   write_csv(rows, out_dir / 'metrics.csv')
   (out_dir / 'metrics.md').write_text(markdown(report))
   for t, target in enumerate(modalities):
-    write_grid(t, pick_subjects(paper_rows, grids, target), modalities,
-               out_dir / f'grid_{target}.png')
+    picks = pick_subjects(paper_rows, grids, target)
+    write_grid(t, picks, modalities, out_dir / f'grid_{target}.png')
+    if 'cells' in picks[1][1]:
+      write_input_sets_grid(t, picks[1], cells, modalities, out_dir / f'inputs_{target}.png')
 
 
 def _json_safe(tree):
@@ -165,6 +168,27 @@ def _display(image, low=-1.0, high=1.0):
   return np.ascontiguousarray(np.rot90(samples.to_uint8(image, low, high)))
 
 
+def _enlarged(rows):
+  """Small tiles enlarged (nearest) so that the labels fit."""
+  zoom = max(1, math.ceil(GRID_MIN_TILE / rows[0][0].shape[1]))
+  return [[t.repeat(zoom, 0).repeat(zoom, 1) for t in row] for row in rows]
+
+
+def write_input_sets_grid(target_index, pick, cells, modalities, path) -> None:
+  """One subject (the median): the target synthesised from every set of inputs, fewest
+  first, then the real one; below each synthesis its |error| x2."""
+  label, grid = pick
+  real = grid['images'][..., target_index].astype(np.float32)
+  chosen = sorted((len(a), a, i) for i, (a, t) in enumerate(cells) if t == target_index)
+  titles = ['+'.join(modalities[j] for j in a) for _, a, _ in chosen] + [
+      f'real {modalities[target_index]}']
+  synths = [grid['cells'][i].astype(np.float32) for _, _, i in chosen]
+  rows = [[_display(x) for x in synths + [real]],
+          [_display(np.abs(x - real), 0, 1) for x in synths] + [np.zeros_like(_display(real))]]
+  samples.grid_image(_enlarged(rows), titles, [label, '|error| x2'], tile_gap=0,
+                     row_labels_above=True).save(path)
+
+
 def write_grid(target_index, picks, modalities, path) -> None:
   """Rows: (label, grid material); columns: inputs, synthesis, target, |error| x2."""
   inputs = [i for i in range(len(modalities)) if i != target_index]
@@ -177,8 +201,5 @@ def write_grid(target_index, picks, modalities, path) -> None:
     # |error| on the [0, 1] scale, doubled so that small errors show.
     tiles = [grid['images'][..., i] for i in inputs] + [synth, real]
     rows.append([_display(t) for t in tiles] + [_display(np.abs(synth - real), 0, 1)])
-  # Small images are enlarged (nearest) so that the labels fit.
-  zoom = max(1, math.ceil(GRID_MIN_TILE / rows[0][0].shape[1]))
-  rows = [[t.repeat(zoom, 0).repeat(zoom, 1) for t in row] for row in rows]
-  samples.grid_image(rows, titles, [label for label, _ in picks], tile_gap=0,
+  samples.grid_image(_enlarged(rows), titles, [label for label, _ in picks], tile_gap=0,
                      row_labels_above=True).save(path)
