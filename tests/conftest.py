@@ -43,3 +43,8 @@ def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if '_CACHE' in globals():
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: longer end-to-end runs; `-m "not slow"` is the '
+                          'fast tier for working in a loop')
