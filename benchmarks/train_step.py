@@ -32,11 +32,14 @@ def parse_args(argv):
   parser.add_argument('--ngf', type=int, default=64)
   parser.add_argument('--steps', type=int, default=5, help='timed iterations after compiling')
   parser.add_argument('--dtype', default='float32', help='compute dtype (float32 | bfloat16)')
+  parser.add_argument('--generator', default='official', help='official | any (any-set)')
+  parser.add_argument('--norm', default='batch', help='batch (official) | instance')
   parser.add_argument('--json', type=pathlib.Path, help='also write the figures here')
   return parser.parse_args(argv)
 
 
 def make_batch(size, batch):
+  """Random slices; targets cycle over the modalities, with every other one as input."""
   rng = np.random.default_rng(0)
   images = np.tanh(rng.normal(size=(batch, size, size, 4))).astype(np.float32)
   targets = np.arange(batch) % 4
@@ -44,11 +47,13 @@ def make_batch(size, batch):
           'available': modalities.all_but_target(targets, 4)}
 
 
-def init(size, ngf, dtype):
+def init(size, ngf, dtype, generator='official', norm='batch'):
   """Returns (trainer, fresh state) for the official configuration at this size."""
   config = brats.get_config()
   config.model.ngf = ngf
   config.model.dtype = dtype
+  config.model.generator = generator
+  config.model.norm = norm
   trainer = train.make_trainer(config, 4)
   return trainer, train.init_state(trainer, jax.random.PRNGKey(0), size)
 
@@ -101,15 +106,16 @@ def median_seconds(call, reps, warmup=1):
   return statistics.median(times)
 
 
-def measure(size, batch, ngf, dtype, steps):
+def measure(size, batch, ngf, dtype, steps, generator='official', norm='batch'):
   """Compiles and times one configuration; returns the figures as a dict."""
-  trainer, state = init(size, ngf, dtype)
+  trainer, state = init(size, ngf, dtype, generator, norm)
   compiled, inputs, compile_s, flops = compile_iteration(trainer, state, size, batch)
   _, times = time_iterations(compiled, state, inputs, steps)
   median = statistics.median(times)
   return {
       'device': str(jax.devices()[0].device_kind), 'num_devices': jax.device_count(),
-      'size': size, 'batch': batch, 'ngf': ngf, 'dtype': dtype,
+      'size': size, 'batch': batch, 'ngf': ngf, 'dtype': dtype, 'generator': generator,
+      'norm': norm,
       'compile_s': compile_s, 'median_s_per_iter': median, 'min_s_per_iter': min(times),
       'max_s_per_iter': max(times), 'slices_per_s': batch / median,
       'flops_per_iter': flops, 'gflops_per_s': flops / median / 1e9,
@@ -120,11 +126,13 @@ def measure(size, batch, ngf, dtype, steps):
 def main(argv=None):
   args = parse_args(argv)
   host_memory.keep_freed_memory()  # as launch.py does
-  results = measure(args.size, args.batch, args.ngf, args.dtype, args.steps)
+  results = measure(args.size, args.batch, args.ngf, args.dtype, args.steps, args.generator,
+                    args.norm)
   median, flops, compile_s = (results['median_s_per_iter'], results['flops_per_iter'],
                               results['compile_s'])
   print(f"device            {results['device']} x{results['num_devices']}")
-  print(f"config            {args.size}x{args.size}, batch {args.batch}, ngf {args.ngf}, {args.dtype}")
+  print(f"config            {args.size}x{args.size}, batch {args.batch}, ngf {args.ngf}, "
+        f"{args.dtype}, {args.generator} generator, {args.norm} norm")
   print(f"compile           {compile_s:.1f} s")
   print(f"s/iteration       median {median:.3f} (min {results['min_s_per_iter']:.3f}, max {results['max_s_per_iter']:.3f}) "
         f"over {args.steps}")
