@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aegan_jax import layers
+from aegan_jax import kernels
 
 
 def gan_loss(logits, is_real: bool, mode: str = 'vanilla'):
@@ -42,7 +42,7 @@ def self_representation_loss(generator_features, autoencoder_features):
   """
   total = 0.0
   for gen, ae in zip(generator_features, autoencoder_features):
-    dtype = layers.accumulation_dtype(gen.dtype)
+    dtype = kernels.accumulation_dtype(gen.dtype)
     p = jax.nn.softmax(jax.lax.stop_gradient(ae).astype(dtype), axis=-1)
     log_q = jax.nn.log_softmax(gen.astype(dtype), axis=-1)
     total = total + jnp.mean(jax.scipy.special.xlogy(p, p) - p * log_q)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aegan_jax import kernels
 from aegan_jax import layers
 from aegan_jax import modalities
 
@@ -191,7 +192,7 @@ class DiscriminatorHead(nn.Module):
     class_logits = nn.Conv(self.num_classes, d.shape[1:3], padding='VALID', use_bias=True,
                            kernel_init=layers.weight_init, dtype=self.make.dtype,
                            param_dtype=self.make.param_dtype, name='classes')(d)
-    acc = layers.accumulation_dtype(self.make.dtype)
+    acc = kernels.accumulation_dtype(self.make.dtype)
     return (patch_logits.astype(acc),
             class_logits.reshape(d.shape[0], self.num_classes).astype(acc))
 

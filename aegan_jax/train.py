@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aegan_jax import layers
 from aegan_jax import losses
 from aegan_jax import models
+from aegan_jax.kernels import normalization
 
 PyTree = Any
 
@@ -153,7 +153,7 @@ def _replay_batch_stats(batch_stats, moments):
       if key.key not in node:
         return running
       node = node[key.key]
-    return layers.ema_update(running, node, 0.1)
+    return normalization.ema_update(running, node, 0.1)
   return jax.tree_util.tree_map_with_path(replay, batch_stats)
 
 

@@ -8,7 +8,7 @@ the GPU and package versions; the official training iteration (harness, --device
 256 px, ngf 64, batch 1, 8 and 16; an 8192^3 bfloat16 matmul as the practical peak; ours in
 float32 and bfloat16 compute at batch 1, 8, 16 and larger until memory runs out; a profiler
 trace of our fastest bfloat16 configuration (top ops by GPU time); the input pipeline
-(benchmarks/input_pipeline.py, 0, 4 and 8 Grain workers); `layers.reflect_pad` against
+(benchmarks/input_pipeline.py, 0, 4 and 8 Grain workers); `convolution.reflect_pad` against
 `jnp.pad(mode='reflect')` alone, forward and backward, at the ResNet-block shape.  Writes results.json, table.md
 and the trace under --out, after every part, so a cut-off run still leaves its figures.
 """
@@ -185,9 +185,9 @@ def reflect_pads(batch=64, size=64, channels=256, reps=20):
   """ms per forward+backward of a ResNet-block reflect pad: ours and jnp.pad's."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  from aegan_jax import layers  # noqa: PLC0415
+  from aegan_jax.kernels import convolution  # noqa: PLC0415
   x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, channels), jnp.bfloat16)
-  forms = {'layers.reflect_pad': lambda v: layers.reflect_pad(v, 1),
+  forms = {'convolution.reflect_pad': lambda v: convolution.reflect_pad(v, 1),
            'jnp.pad_reflect': lambda v: jnp.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)), 'reflect')}
   result = {'shape': list(x.shape), 'dtype': 'bfloat16'}
   for name, pad in forms.items():

@@ -10,7 +10,7 @@ import pytest
 
 from aegan_jax import checkpoints
 from aegan_jax import data
-from aegan_jax import layers
+from aegan_jax.kernels import convolution
 from aegan_jax import models
 from aegan_jax import train
 from tests_helpers import phantom_image_batch, tiny_config
@@ -151,75 +151,6 @@ def test_training_iterations_run_and_learn():
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
-# Masked BatchNorm statistics: absent input slots stay out of the batch moments.
-
-
-def _weighted_reference(x, weights, scale, bias, epsilon=1e-5):
-  """The plain formula, for autodiff: weighted mean and biased variance over N, H, W."""
-  w = weights[:, None, None, None]
-  count = weights.sum() * x.shape[1] * x.shape[2]
-  mean = (w * x).sum((0, 1, 2)) / count
-  var = (w * (x - mean) ** 2).sum((0, 1, 2)) / count
-  return (x - mean) / np.sqrt(var + epsilon) * scale + bias if isinstance(x, np.ndarray) else \
-      (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
-
-
-def _norm_inputs(n=6, size=8, channels=5, seed=0):
-  rng = np.random.default_rng(seed)
-  x = (rng.normal(size=(n, size, size, channels)) * 2 + 1).astype(np.float32)
-  return x, rng.uniform(0.5, 1.5, channels).astype(np.float32), \
-      rng.normal(size=channels).astype(np.float32)
-
-
-def test_absent_slots_change_no_batch_moment_and_no_present_output():
-  x, scale, bias = _norm_inputs()
-  present = np.array([1, 0, 1, 1, 0, 1], bool)
-  garbage = np.where(present[:, None, None, None], x, 50 * x + 7)  # what absent rows hold
-  y_all, mean_all, var_all = layers.weighted_normalize(garbage, present.astype(np.float32),
-                                                       scale, bias, 1e-5)
-  y_only, mean_only, var_only = layers.normalize(x[present], scale, bias, False, 1e-5)
-  np.testing.assert_allclose(mean_all, mean_only, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(var_all, var_only, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(y_all)[present], y_only, rtol=1e-5, atol=1e-5)
-  # ... and the unweighted moments of the same batch do differ.
-  assert np.abs(np.asarray(layers.normalize(garbage, scale, bias, False, 1e-5)[1]) -
-                mean_only).max() > 1
-
-
-def test_batchnorm_running_statistics_skip_absent_slots():
-  x, _, _ = _norm_inputs()
-  present = np.array([1, 0, 1, 1, 0, 1], bool)
-  norm = layers.BatchNorm()
-  variables = norm.init(jax.random.PRNGKey(0), x, train=False)
-
-  def stats(batch, weights):
-    _, state = norm.apply(variables, batch, train=True, weights=weights, mutable=['batch_stats'])
-    return state['batch_stats']
-
-  masked = stats(np.where(present[:, None, None, None], x, -3 * x), present.astype(np.float32))
-  alone = stats(x[present], None)
-  for name in ('mean', 'var'):
-    np.testing.assert_allclose(masked[name], alone[name], rtol=1e-5, atol=1e-7)
-
-
-def test_weighted_norm_gradients_equal_float64_autodiff_of_the_plain_formula():
-  x, scale, bias = _norm_inputs(seed=1)
-  weights = np.array([1, 0, 1, 0.5, 0, 2], np.float32)  # any non-negative weights
-  dy = np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
-  got_y, pullback = jax.vjp(
-      lambda *a: layers.weighted_normalize(a[0], weights, a[1], a[2], 1e-5)[0], x, scale, bias)
-  got = [got_y, *pullback(dy)]
-  with jax.enable_x64(True):
-    f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
-    want_y, want_pullback = jax.vjp(
-        lambda *a: _weighted_reference(a[0], f64(weights), a[1], a[2]), f64(x), f64(scale),
-        f64(bias))
-    want = [want_y, *want_pullback(f64(dy))]
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w), rtol=2e-4,
-                               atol=2e-4 * np.abs(np.asarray(w)).max())
-
-
 def test_batch_norm_any_set_training_moments_ignore_absent_slots():
   """The encoder's first batch moments in training are those of the present slots'
   features alone (before masking, the zeroed absent slots counted too)."""
@@ -233,7 +164,7 @@ def test_batch_norm_any_set_training_moments_ignore_absent_slots():
   slots = [images[i, ..., j] for i in range(4) for j in range(4) if available[i, j]]
   kernel = variables['params']['encoder']['conv_in']['kernel']  # no bias before BatchNorm
   features = jnp.concatenate([
-      jax.lax.conv_general_dilated(layers.reflect_pad(jnp.asarray(s)[None, ..., None], 3),
+      jax.lax.conv_general_dilated(convolution.reflect_pad(jnp.asarray(s)[None, ..., None], 3),
                                    kernel, (1, 1), 'VALID',
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC')) for s in slots])
   # One update of the zero-initialised running mean, momentum 0.1.
