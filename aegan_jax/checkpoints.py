@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from aegan_jax import train
+
+if TYPE_CHECKING:  # the state's type only: restoring it needs no training code
+  from aegan_jax.train import TrainState
 
 # Config fields a checkpoint cannot change: they fix the parameter shapes or the data.
 ARCHITECTURE_FIELDS = ('model.generator', 'model.ngf', 'model.num_blocks', 'model.norm',
@@ -69,7 +71,7 @@ def meta_for(config) -> dict:
   return {'architecture': config_fields(config), 'config': json.loads(config.to_json_best_effort())}
 
 
-def save(manager, state: train.TrainState, config, data_iterator=None, *, force=False) -> bool:
+def save(manager, state: TrainState, config, data_iterator=None, *, force=False) -> bool:
   """Saves asynchronously; call `manager.wait_until_finished()` before exiting."""
   step = int(jax.device_get(state.step))
   items = {
@@ -110,8 +112,8 @@ def _abstract(tree, sharding=None):
   return jax.tree.map(leaf, tree)
 
 
-def restore_train_state(manager, step: int, template: train.TrainState,
-                        data_iterator=None) -> train.TrainState:
+def restore_train_state(manager, step: int, template: TrainState,
+                        data_iterator=None) -> TrainState:
   """Restores everything onto `template`'s shapes and shardings (an abstract target)."""
   items = {
       'generator': ocp.args.StandardRestore(_abstract(template.generator.variables())),
@@ -126,13 +128,12 @@ def restore_train_state(manager, step: int, template: train.TrainState,
     import grain  # pylint: disable=g-import-not-at-top
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
-  network = lambda name, opt: train.NetworkState(restored[name]['params'],
-                                                 restored[name].get('batch_stats', {}),
-                                                 restored['optimizer'][opt])
+  network = lambda name: getattr(template, name).replace(
+      params=restored[name]['params'], batch_stats=restored[name].get('batch_stats', {}),
+      opt_state=restored['optimizer'][name])
   progress = restored['progress']
-  return train.TrainState(step=progress['step'],
-                          generator=network('generator', 'generator'),
-                          autoencoder=network('autoencoder', 'autoencoder'),
+  return template.replace(step=progress['step'], generator=network('generator'),
+                          autoencoder=network('autoencoder'),
                           sr_weight=progress['sr_weight'], rng=progress['rng'])
 
 

@@ -356,7 +356,7 @@ def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
       **{name: config.data[name] for name in data.LOADER_FIELDS}))
   manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
   state = _maybe_resume(manager, state, iterator, config, workdir)
-  step_fn = parallel.sharded_train_step(trainer, mesh)
+  step_fn = train.sharded_train_step(trainer, mesh)
   sample_writer = samples.SampleWriter(trainer.generator, prepared, workdir / 'samples',
                                        config.data.modalities) if jax.process_index() == 0 else None
   writer = MetricWriter(workdir)

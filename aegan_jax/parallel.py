@@ -7,14 +7,12 @@ join through `jax.distributed.initialize` before anything else touches jax.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from aegan_jax import train
 
 
 def _on_cluster() -> bool:
@@ -53,14 +51,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('data'))
-
-
-def sharded_train_step(trainer: train.Trainer, mesh: Mesh):
-  """jit-compiled iteration: state replicated (and donated), batch sharded on 'data'."""
-  return jax.jit(functools.partial(train.train_step, trainer=trainer),
-                 in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                 out_shardings=(replicated(mesh), replicated(mesh)),
-                 donate_argnums=0)
 
 
 def global_batch(local_batch: dict, mesh: Mesh,

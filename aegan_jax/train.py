@@ -15,6 +15,7 @@ once and its backward pass is pulled back through a saved VJP.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -24,6 +25,7 @@ import optax
 
 from aegan_jax import losses
 from aegan_jax import models
+from aegan_jax import parallel
 from aegan_jax.kernels import normalization
 
 PyTree = Any
@@ -256,3 +258,10 @@ def _learning_rate(trainer, step):
   lr = trainer.learning_rate
   return jnp.asarray(lr(step) if callable(lr) else lr, jnp.float32)
 
+
+def sharded_train_step(trainer: Trainer, mesh):
+  """jit-compiled iteration: state replicated (and donated), batch sharded on 'data'."""
+  return jax.jit(functools.partial(train_step, trainer=trainer),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+                 donate_argnums=0)

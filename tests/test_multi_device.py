@@ -28,7 +28,7 @@ def run_iterations(config, size, num_devices, steps):
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
   trainer = train.make_trainer(config, 4)
   state = parallel.replicate(train.init_state(trainer, jax.random.PRNGKey(0), size), mesh)
-  step = parallel.sharded_train_step(trainer, mesh)
+  step = train.sharded_train_step(trainer, mesh)
   for i in range(steps):
     state, metrics = step(state, parallel.global_batch(phantom_image_batch(size, 4, i), mesh))
     if i == 0:
