@@ -294,7 +294,7 @@ def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
   and grid material of one subject."""
   modalities = manifest['modalities']
   volumes = subject_volumes(subject, entry, manifest)
-  any_set = isinstance(synthesizer.generator, models.AnySetGenerator)
+  any_set = synthesizer.generator.any_set
   synthesised = synthesise_cells(synthesizer, subject.images, cells)
   sources = [best_input(scores, t, available) for available, t in cells]
   copied = sorted(set(zip(sources, (t for _, t in cells))))  # a copy depends on these only
@@ -441,7 +441,7 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   scores = copy_scores(prepared_dir, evaluated_split, len(modalities))
   everything = range(len(modalities))
   baselines = [best_input(scores, t, [j for j in everything if j != t]) for t in everything]
-  any_set = isinstance(synthesizer.generator, models.AnySetGenerator)
+  any_set = synthesizer.generator.any_set
   cells = scenario_cells(len(modalities), any_set)
   _log_start(synthesizer, prepared_dir, evaluated_split, manifest, baselines, log)
   # Official-mode results sit beside the eval-mode ones instead of replacing them.

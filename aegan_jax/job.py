@@ -55,6 +55,9 @@ def validate_config(config) -> None:
         curriculum_stage_examples=config.data.curriculum_stage_examples,
         scenario_weights=config.data.scenario_weights,
         num_modalities=len(config.data.modalities))
+    trainer = train.make_trainer(config, len(config.data.modalities))  # model, optim, loss
+    size = config.data.image_size
+    models.check_image_size(size, size, what=f'config.data.image_size={size!r}:')
   except ValueError as e:
     raise ConfigError(str(e)) from None
   checks = [
@@ -65,10 +68,7 @@ def validate_config(config) -> None:
       ('train.log_every', config.train.log_every > 0, 'must be positive'),
       ('train.checkpoint_every', config.train.checkpoint_every > 0, 'must be positive'),
       ('train.sample_every', config.train.sample_every > 0, 'must be positive'),
-      # Below 16 px the discriminator's patch-logit map is empty and the GAN loss NaN.
-      ('data.image_size', config.data.image_size % 4 == 0 and config.data.image_size >= 16,
-       'must be a multiple of 4, at least 16'),
-      ('data.scenarios', config.data.scenarios == 'single' or models.is_any_set(config.model),
+      ('data.scenarios', config.data.scenarios == 'single' or trainer.generator.any_set,
        "needs config.model.generator='any' (the official generator takes every other "
        'modality as input)'),
       ('data.targets', all(0 <= t < len(config.data.modalities) for t in config.data.targets),
@@ -78,10 +78,6 @@ def validate_config(config) -> None:
     if not ok:
       group, name = field.split('.')
       raise ConfigError(f'config.{field}={config[group][name]!r} {requirement}')
-  try:  # the model, optim and loss groups check their own fields
-    train.make_trainer(config, len(config.data.modalities))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
 
 
 def write_run_info(config, workdir: pathlib.Path) -> None:

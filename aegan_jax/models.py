@@ -8,7 +8,7 @@ batch and running statistics and turns dropout on (rng stream 'dropout').
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,10 +21,11 @@ from aegan_jax import modalities
 Dtype = Any
 
 
-def check_image_size(height: int, width: int) -> None:
+def check_image_size(height: int, width: int, what: str = 'image size') -> None:
+  """The one image-size rule, for `config.data.image_size` and for every call."""
   if height % 4 or width % 4 or height < 16 or width < 16:
     raise ValueError(
-        f'image size {height}x{width} is not supported: height and width must be '
+        f'{what} {height}x{width} is not supported: height and width must be '
         'multiples of 4 (the encoders downsample twice by 2) and at least 16 (below, '
         "the discriminator's patch-logit map is empty)")
 
@@ -63,6 +64,7 @@ class SynthesisGenerator(Network):
   attention.  The fields are `config.model`'s (see `build_networks`).
   """
   num_modalities: int = 4
+  any_set: ClassVar[bool] = False  # takes every other modality as input, none fewer
 
   def batch_inputs(self, images, available, target_index):
     """The call's inputs from a batch: the branches are fixed by the target alone."""
@@ -102,6 +104,7 @@ class AnySetGenerator(Network):
   target [N]): one program serves every subset, and M adds only embeddings.
   """
   num_modalities: int = 4
+  any_set: ClassVar[bool] = True  # takes any non-empty set of the other modalities
 
   def batch_inputs(self, images, available, target_index):
     return images, available, target_index
@@ -273,20 +276,22 @@ def example_inputs(generator, image_size: int):
                                 jnp.zeros(1, jnp.int32))
 
 
-def is_any_set(model_config) -> bool:
-  """Whether `config.model` asks for the any-set generator (`generator='any'`)."""
-  return model_config.get('generator', 'official') == 'any'
+def generator_class(model_config):
+  """The generator class `config.model.generator` names (configs stored before the field
+  existed mean the official one)."""
+  kind = model_config.get('generator', 'official')
+  if kind not in ('official', 'any'):
+    raise ValueError(f"config.model.generator={kind!r} must be 'official' or 'any'")
+  return AnySetGenerator if kind == 'any' else SynthesisGenerator
 
 
 def build_networks(model_config, num_modalities: int):
   """Both networks from a `config.model` block, whose fields are their keywords."""
   options = dict(model_config.items())
-  kind = options.pop('generator', 'official')
-  if kind not in ('official', 'any'):
-    raise ValueError(f"config.model.generator={kind!r} must be 'official' or 'any'")
-  generator_class = AnySetGenerator if kind == 'any' else SynthesisGenerator
+  generator = generator_class(model_config)
+  options.pop('generator', None)
   try:
-    return (generator_class(num_modalities=num_modalities, **options),
+    return (generator(num_modalities=num_modalities, **options),
             AutoEncoder(num_classes=num_modalities, **options))
   except TypeError as e:  # a field neither network has
     raise ValueError(f'config.model: {e}') from None

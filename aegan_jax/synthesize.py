@@ -328,7 +328,7 @@ def run(args) -> list[pathlib.Path]:
   step, config = checkpoints.read_checkpoint_config(args.workdir, args.step)
   cases = layouts.find_cases(args.input, config.data.get('dataset', 'auto'),
                              config.data.modalities)
-  any_set = models.is_any_set(config.model)
+  any_set = models.generator_class(config.model).any_set
   jobs = plan_jobs(cases, config.data, target=args.target, all_targets=args.all_targets,
                    any_set=any_set)
   check_output_files(jobs, args.output, args.naming, args.overwrite)
