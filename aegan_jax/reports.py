@@ -2,8 +2,7 @@
 
 Everything is formatted from the report `evaluate.evaluate` builds (its
 `protocols` entry names each protocol's metrics and definition), so this module
-needs nothing from `evaluate`.  Pictures use the training samples' helpers
-(`samples.to_uint8`, `samples.grid_image`).  `ensure_writable` is the output
+needs nothing from `evaluate`; pictures come from `pictures`.  `ensure_writable` is the output
 folder probe, also used for the training job's workdir (`job.make_workdir`).
 """
 from __future__ import annotations
@@ -16,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from aegan_jax import samples
+from aegan_jax import pictures
 
 METRIC_HEADERS = {'psnr': 'PSNR (dB) ↑', 'ssim': 'SSIM ↑', 'fsim': 'FSIM ↑', 'mae': 'MAE ↓',
                   'ssim_tumour': 'SSIM tumour ↑', 'ssim_non_tumour': 'SSIM non-tumour ↑'}
@@ -165,7 +164,7 @@ def pick_subjects(rows, grids, target):
 
 def _display(image, low=-1.0, high=1.0):
   """[H, W] -> uint8, rotated so that the stored [X, Y] slice looks like a radiology view."""
-  return np.ascontiguousarray(np.rot90(samples.to_uint8(image, low, high)))
+  return np.ascontiguousarray(np.rot90(pictures.to_uint8(image, low, high)))
 
 
 def _enlarged(rows):
@@ -185,7 +184,7 @@ def write_input_sets_grid(target_index, pick, cells, modalities, path) -> None:
   synths = [grid['cells'][i].astype(np.float32) for _, _, i in chosen]
   rows = [[_display(x) for x in synths + [real]],
           [_display(np.abs(x - real), 0, 1) for x in synths] + [np.zeros_like(_display(real))]]
-  samples.grid_image(_enlarged(rows), titles, [label, '|error| x2'], tile_gap=0,
+  pictures.grid_image(_enlarged(rows), titles, [label, '|error| x2'], tile_gap=0,
                      row_labels_above=True).save(path)
 
 
@@ -201,5 +200,5 @@ def write_grid(target_index, picks, modalities, path) -> None:
     # |error| on the [0, 1] scale, doubled so that small errors show.
     tiles = [grid['images'][..., i] for i in inputs] + [synth, real]
     rows.append([_display(t) for t in tiles] + [_display(np.abs(synth - real), 0, 1)])
-  samples.grid_image(_enlarged(rows), titles, [label for label, _ in picks], tile_gap=0,
+  pictures.grid_image(_enlarged(rows), titles, [label for label, _ in picks], tile_gap=0,
                      row_labels_above=True).save(path)
