@@ -28,6 +28,8 @@ from aegan_jax import reports
 from aegan_jax import samples
 from aegan_jax import train
 from aegan_jax import workdir_lock
+from data_prep import files
+from data_prep import preprocess
 
 
 class ConfigError(ValueError):
@@ -84,7 +86,7 @@ def write_run_info(config, workdir: pathlib.Path) -> None:
   """The resolved config, package versions and devices, for the record."""
   if jax.process_index() != 0:
     return
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  _write(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
   packages = {}
   for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
                'tensorflow-datasets', 'ml-collections', 'numpy'):
@@ -95,7 +97,15 @@ def write_run_info(config, workdir: pathlib.Path) -> None:
   info = {'python': platform.python_version(), 'packages': packages,
           'process_count': jax.process_count(),
           'devices': [f'{d.platform}:{d.id} {d.device_kind}' for d in jax.devices()]}
-  (workdir / 'run_info.json').write_text(json.dumps(info, indent=2) + '\n')
+  _write(workdir / 'run_info.json', json.dumps(info, indent=2) + '\n')
+
+
+def _write(path: pathlib.Path, text: str) -> None:
+  """Whole or not at all; a full disk is one line."""
+  try:
+    files.write_text_atomically(path, text)
+  except OSError as e:
+    raise ConfigError(f'{path}: cannot write ({e.strerror or e})') from None
 
 
 def ensure_prepared(config, workdir: pathlib.Path) -> str:
@@ -307,7 +317,7 @@ def _run_lock(workdir: pathlib.Path):
     yield
   finally:
     if path is not None:
-      path.unlink(missing_ok=True)
+      workdir_lock.release(path)
 
 
 def _resume_from(workdir: pathlib.Path, step: int) -> None:
@@ -361,10 +371,12 @@ def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
       state, stopped_by = _loop(config, state, step_fn, iterator, mesh, manager, writer,
                                 sample_writer, num_steps, stop)
   finally:
-    manager.wait_until_finished()  # An async save still in flight would be lost.
-    saved_step = manager.latest_step()
-    manager.close()
     writer.close()
+    # An async save still in flight would be lost; one that failed is reported below
+    # (unless the loop's own error is on its way).
+    saved_step, save_error = checkpoints.finish(manager)
+  if save_error:
+    raise save_error
   if stopped_by:
     _report_stop(stopped_by, int(jax.device_get(state.step)), saved_step, workdir)
     return state
