@@ -31,6 +31,10 @@ from aegan_jax import train
 # Config fields a checkpoint cannot change: they fix the parameter shapes or the data.
 ARCHITECTURE_FIELDS = ('model.generator', 'model.ngf', 'model.num_blocks', 'model.norm',
                        'model.use_dropout', 'data.image_size', 'data.modalities')
+# What the generator's inputs mean: evaluation and synthesis must preprocess as training did.
+INPUT_FIELDS = ARCHITECTURE_FIELDS + ('data.normalise', 'data.geometry')
+# A resumed run must also go on with the same training data.
+RESUME_FIELDS = INPUT_FIELDS + ('data.slices', 'data.split_ratios', 'data.split_seed')
 
 
 class CheckpointError(ValueError):
@@ -72,7 +76,7 @@ def config_fields(config, fields=ARCHITECTURE_FIELDS) -> dict[str, Any]:
   values = {}
   for field in fields:
     group, name = field.split('.')
-    if name not in config[group]:
+    if group not in config or name not in config[group]:
       continue
     value = config[group][name]
     values[field] = list(value) if isinstance(value, tuple) else value
@@ -80,7 +84,8 @@ def config_fields(config, fields=ARCHITECTURE_FIELDS) -> dict[str, Any]:
 
 
 def meta_for(config) -> dict:
-  return {'architecture': config_fields(config), 'config': json.loads(config.to_json_best_effort())}
+  return {'architecture': config_fields(config, RESUME_FIELDS),
+          'config': json.loads(config.to_json_best_effort())}
 
 
 def save(manager, state: train.TrainState, config, data_iterator=None, *, force=False) -> bool:
@@ -153,10 +158,18 @@ def read_meta(manager, step: int) -> dict:
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
-def check_compatible(meta: dict, config, where) -> None:
-  """Raises CheckpointError naming the first config field that differs."""
-  stored = meta.get('architecture', {})
-  for field, value in config_fields(config).items():
+def holds_weights_only(manager, step: int) -> bool:
+  """True for a checkpoint of network weights alone (`save_networks`: an official import)."""
+  return not (pathlib.Path(manager.directory) / str(step) / 'optimizer').exists()
+
+
+def check_compatible(meta: dict, config, where, fields=INPUT_FIELDS) -> None:
+  """Raises CheckpointError naming the first of `fields` whose value differs from the
+  checkpoint's (read from its stored config when its meta predates the field)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  stored = {**config_fields(ml_collections.ConfigDict(meta.get('config') or {}), fields),
+            **meta.get('architecture', {})}
+  for field, value in config_fields(config, fields).items():
     if field in stored and stored[field] != value:
       raise CheckpointError(
           f'{where} was trained with {field}={stored[field]!r} but the config has {value!r}; '

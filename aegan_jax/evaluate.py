@@ -449,12 +449,10 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
 
 
 def _prepared_split(config, workdir, split, log):
-  """(prepared dir, manifest, split to evaluate) of the run; modalities checked."""
+  """(prepared dir, manifest, split to evaluate) of the run; its preprocessing checked."""
   prepared_dir = data.prepared_dir_for(config, workdir)
   manifest = data.load_manifest(prepared_dir)
-  if list(manifest['modalities']) != list(config.data.modalities):
-    raise EvaluationError(f'{prepared_dir} holds {list(manifest["modalities"])} but the config '
-                          f'has {list(config.data.modalities)}')
+  data.check_prepared_matches(config.data, manifest, prepared_dir, data.INPUT_FIELDS)
   return prepared_dir, manifest, resolve_split(prepared_dir, split, log)
 
 

@@ -63,9 +63,13 @@ def validate_config(config) -> None:
       ('train.log_every', config.train.log_every > 0, 'must be positive'),
       ('train.checkpoint_every', config.train.checkpoint_every > 0, 'must be positive'),
       ('train.sample_every', config.train.sample_every > 0, 'must be positive'),
+      ('train.keep_checkpoints', config.train.keep_checkpoints >= 0,
+       'must be >= 0 (0 keeps every checkpoint)'),
+      ('train.seed', 0 <= config.train.seed < 2**32, 'must be in [0, 2**32)'),
       # Below 16 px the discriminator's patch-logit map is empty and the GAN loss NaN.
-      ('data.image_size', config.data.image_size % 4 == 0 and config.data.image_size >= 16,
-       'must be a multiple of 4, at least 16'),
+      ('data.image_size', config.data.image_size % 4 == 0 and
+       16 <= config.data.image_size <= preprocess.MAX_IMAGE_SIZE,
+       f'must be a multiple of 4, from 16 to {preprocess.MAX_IMAGE_SIZE}'),
       ('data.scenarios', config.data.scenarios == 'single' or models.is_any_set(config.model),
        "needs config.model.generator='any' (the official generator takes every other "
        'modality as input)'),
@@ -175,15 +179,6 @@ def _write_phantom(raw: pathlib.Path, subjects: int, seed: int, shape) -> None:
   partial.rename(raw)
 
 
-def check_data_matches(config, manifest: dict, prepared: str) -> None:
-  if tuple(manifest['modalities']) != tuple(config.data.modalities):
-    raise ConfigError(f'config.data.modalities={tuple(config.data.modalities)} but {prepared} '
-                      f'holds {tuple(manifest["modalities"])}')
-  if manifest['image_size'] != config.data.image_size:
-    raise ConfigError(f'config.data.image_size={config.data.image_size} but {prepared} was '
-                      f'prepared at {manifest["image_size"]}; prepare again or match it')
-
-
 def total_steps(config, num_train_examples: int) -> int:
   if config.train.num_steps > 0:
     return config.train.num_steps
@@ -279,16 +274,23 @@ def train_and_evaluate(config, workdir, step: int | None = None) -> train.TrainS
   then moved to `<workdir>/checkpoints_set_aside/`, never deleted.
   """
   validate_config(config)
-  workdir = make_workdir(workdir)
   mesh = parallel.make_mesh()
-  try:
+  try:  # Before the workdir is made: a refused run leaves nothing behind.
     parallel.check_batch_divisible(config.train.global_batch_size, mesh)
   except ValueError as e:
     raise ConfigError(f'config.{e}') from e
-  with _run_lock(workdir):
-    if step is not None:
-      _resume_from(workdir, step)
-    return _train(config, workdir, mesh)
+  created = not pathlib.Path(workdir).exists()
+  workdir = make_workdir(workdir)
+  try:
+    with _run_lock(workdir):
+      if step is not None:
+        _resume_from(workdir, step)
+      return _train(config, workdir, mesh)
+  except BaseException:
+    if created and jax.process_index() == 0:  # A run refused at once leaves no empty workdir.
+      with contextlib.suppress(OSError):
+        workdir.rmdir()  # Only if still empty.
+    raise
 
 
 def make_workdir(workdir) -> pathlib.Path:
@@ -347,10 +349,9 @@ def _set_aside_after(workdir: pathlib.Path, step: int) -> str:
 
 
 def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
-  write_run_info(config, workdir)
   prepared = ensure_prepared(config, workdir)
-  manifest = data.load_manifest(prepared)
-  check_data_matches(config, manifest, prepared)
+  data.check_prepared_matches(config.data, data.load_manifest(prepared), prepared)
+  write_run_info(config, workdir)  # Once the data is known to match: it records the truth.
   num_steps = total_steps(config, data.num_examples(prepared, 'train'))
 
   trainer = train.make_trainer(config, len(config.data.modalities))
@@ -360,7 +361,8 @@ def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
   iterator = iter(data.make_train_loader(
       prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
       **{name: config.data[name] for name in data.LOADER_FIELDS}))
-  manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  # Orbax deletes every checkpoint with max_to_keep=0; here 0 keeps them all.
+  manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints or None)
   state = _maybe_resume(manager, state, iterator, config, workdir)
   step_fn = parallel.sharded_train_step(trainer, mesh)
   sample_writer = samples.SampleWriter(trainer.generator, prepared, workdir / 'samples',
@@ -406,7 +408,13 @@ def _maybe_resume(manager, state, iterator, config, workdir):
     meta = checkpoints.read_meta(manager, latest)
   except Exception as e:  # pylint: disable=broad-except
     raise _damaged(manager, where, latest, e) from None
-  checkpoints.check_compatible(meta, config, where)
+  if checkpoints.holds_weights_only(manager, latest):
+    raise checkpoints.CheckpointError(
+        f'{where / str(latest)}: holds network weights only (an import of official weights), '
+        'without the optimizer and data state that training resumes from; evaluate it '
+        '(--mode=evaluate) or synthesize with it as it is, and train in a new --workdir '
+        '(training starts from random weights)')
+  checkpoints.check_compatible(meta, config, where, checkpoints.RESUME_FIELDS)
   log(f'resuming from step {latest} in {where}')
   try:
     return checkpoints.restore_train_state(manager, latest, state, iterator)

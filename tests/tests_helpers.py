@@ -47,10 +47,13 @@ def phantom_image_batch(size=SIZE, n=4, seed=0):
 
 
 def launch_config(prepared_dir, **train_fields):
-  """The demo config shrunk for the training-job tests (32 px, ngf 8, one block, batch norm)."""
+  """The demo config shrunk for the training-job tests (32 px, ngf 8, one block, batch norm),
+  with the `prepared` fixture's preprocessing."""
   config = demo.get_config()
   config.data.prepared_dir = str(prepared_dir)
   config.data.image_size = 32
+  config.data.slices = 'range:8:16'             # as the `prepared` fixture was made
+  config.data.split_ratios = (0.5, 0.25, 0.25)
   config.model.ngf = 8
   config.model.num_blocks = 1
   config.model.norm = 'batch'  # official; the running statistics go through checkpoints
