@@ -23,6 +23,7 @@ import pathlib
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -166,7 +167,6 @@ def holds_weights_only(manager, step: int) -> bool:
 def check_compatible(meta: dict, config, where, fields=INPUT_FIELDS) -> None:
   """Raises CheckpointError naming the first of `fields` whose value differs from the
   checkpoint's (read from its stored config when its meta predates the field)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   stored = {**config_fields(ml_collections.ConfigDict(meta.get('config') or {}), fields),
             **meta.get('architecture', {})}
   for field, value in config_fields(config, fields).items():
@@ -277,7 +277,6 @@ def check_variables(module, variables, input_shape, network: str) -> None:
 
 def read_checkpoint_config(workdir, step: int | None = None):
   """(step, ConfigDict) stored with a checkpoint; evaluation needs no config file."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   manager, step = _open_step(workdir, step)
   meta = read_meta(manager, step)
   manager.close()
