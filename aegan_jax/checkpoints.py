@@ -16,11 +16,14 @@ checkpoint restores onto any device count.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import pathlib
 from typing import TYPE_CHECKING, Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -31,6 +34,10 @@ if TYPE_CHECKING:  # the state's type only: restoring it needs no training code
 # Config fields a checkpoint cannot change: they fix the parameter shapes or the data.
 ARCHITECTURE_FIELDS = ('model.generator', 'model.ngf', 'model.num_blocks', 'model.norm',
                        'model.use_dropout', 'data.image_size', 'data.modalities')
+# What the generator's inputs mean: evaluation and synthesis must preprocess as training did.
+INPUT_FIELDS = ARCHITECTURE_FIELDS + ('data.normalise', 'data.geometry')
+# A resumed run must also go on with the same training data.
+RESUME_FIELDS = INPUT_FIELDS + ('data.slices', 'data.split_ratios', 'data.split_seed')
 
 
 class CheckpointError(ValueError):
@@ -41,8 +48,20 @@ def checkpoint_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir).resolve() / 'checkpoints'
 
 
+class _NoOrbaxTracebacks(logging.Filter):
+  """Orbax logs every failure of a background save with its traceback (hundreds of lines
+  on a full disk), then raises it where the save is awaited; `save` and `finish` report
+  it there in one line."""
+
+  def filter(self, record):
+    return not (record.exc_info and '/orbax/' in record.pathname.replace('\\', '/'))
+
+
 def make_manager(workdir, *, max_to_keep: int | None = None, create: bool = True):
   import grain  # pylint: disable=g-import-not-at-top
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoOrbaxTracebacks())
   # For reading, create=False rather than orbax's read-only mode, which logs warnings on
   # every use.
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
@@ -60,7 +79,7 @@ def config_fields(config, fields=ARCHITECTURE_FIELDS) -> dict[str, Any]:
   values = {}
   for field in fields:
     group, name = field.split('.')
-    if name not in config[group]:
+    if group not in config or name not in config[group]:
       continue
     value = config[group][name]
     values[field] = list(value) if isinstance(value, tuple) else value
@@ -68,7 +87,8 @@ def config_fields(config, fields=ARCHITECTURE_FIELDS) -> dict[str, Any]:
 
 
 def meta_for(config) -> dict:
-  return {'architecture': config_fields(config), 'config': json.loads(config.to_json_best_effort())}
+  return {'architecture': config_fields(config, RESUME_FIELDS),
+          'config': json.loads(config.to_json_best_effort())}
 
 
 def save(manager, state: TrainState, config, data_iterator=None, *, force=False) -> bool:
@@ -86,17 +106,72 @@ def save(manager, state: TrainState, config, data_iterator=None, *, force=False)
   if data_iterator is not None:
     import grain  # pylint: disable=g-import-not-at-top
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  try:  # Also raises the failure of the previous, asynchronous save.
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  except Exception as e:  # pylint: disable=broad-except
+    raise save_failed(manager.directory, e) from None
+
+
+def finish(manager) -> tuple[int | None, CheckpointError | None]:
+  """Waits for the save in flight and closes `manager`: (latest complete step, the
+  one-line error of a save that failed, or None).  Never raises, so that an error already
+  on its way (e.g. from the training loop) is the one reported."""
+  error = None
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    error = save_failed(manager.directory, e)
+  latest = complete_steps(manager.directory)
+  try:
+    manager.close()
+  except Exception as e:  # pylint: disable=broad-except
+    error = error or save_failed(manager.directory, e)
+  return (latest[-1] if latest else None), error
+
+
+def complete_steps(directory) -> list[int]:
+  """Steps whose checkpoint Orbax finished (it writes to a temporary name, then renames)."""
+  directory = pathlib.Path(directory)
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit()) if directory.is_dir() else []
+
+
+def _disk_full(error: BaseException | None) -> bool:
+  while error is not None:
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or \
+        'No space left on device' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def save_failed(directory, error: BaseException) -> CheckpointError:
+  """One line for a checkpoint that could not be written; the earlier ones are untouched
+  (Orbax writes each under a temporary name and deletes old ones only after a success)."""
+  reason = ('no space left on device' if _disk_full(error) else
+            f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:200]}')
+  steps = complete_steps(directory)
+  intact = (f'the checkpoints written before it are intact (latest: step {steps[-1]}); '
+            if steps else '')
+  return CheckpointError(f'{directory}: a checkpoint could not be written ({reason}); {intact}'
+                         'free space (or fix the folder) and run the same command to resume')
 
 
 def read_meta(manager, step: int) -> dict:
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
-def check_compatible(meta: dict, config, where) -> None:
-  """Raises CheckpointError naming the first config field that differs."""
-  stored = meta.get('architecture', {})
-  for field, value in config_fields(config).items():
+def holds_weights_only(manager, step: int) -> bool:
+  """True for a checkpoint of network weights alone (`save_networks`: an official import)."""
+  return not (pathlib.Path(manager.directory) / str(step) / 'optimizer').exists()
+
+
+def check_compatible(meta: dict, config, where, fields=INPUT_FIELDS) -> None:
+  """Raises CheckpointError naming the first of `fields` whose value differs from the
+  checkpoint's (read from its stored config when its meta predates the field)."""
+  stored = {**config_fields(ml_collections.ConfigDict(meta.get('config') or {}), fields),
+            **meta.get('architecture', {})}
+  for field, value in config_fields(config, fields).items():
     if field in stored and stored[field] != value:
       raise CheckpointError(
           f'{where} was trained with {field}={stored[field]!r} but the config has {value!r}; '
@@ -203,7 +278,6 @@ def check_variables(module, variables, input_shape, network: str) -> None:
 
 def read_checkpoint_config(workdir, step: int | None = None):
   """(step, ConfigDict) stored with a checkpoint; evaluation needs no config file."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   manager, step = _open_step(workdir, step)
   meta = read_meta(manager, step)
   manager.close()
@@ -218,6 +292,11 @@ def save_networks(workdir, step: int, config, generator_variables, autoencoder_v
            'meta': ocp.args.JsonSave(meta_for(config))}
   if autoencoder_variables is not None:
     items['autoencoder'] = ocp.args.StandardSave(autoencoder_variables)
-  manager.save(step, args=ocp.args.Composite(**items), force=True)
-  manager.wait_until_finished()
-  manager.close()
+  error = None
+  try:
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    error = save_failed(manager.directory, e)
+  _, late_error = finish(manager)
+  if error or late_error:
+    raise error or late_error

@@ -29,4 +29,8 @@ def run(config, workdir, *, mode='train', step=None, coordinator_address=None,
   except job.TrainingDiverged as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except OSError as e:  # A full disk or a folder made read-only while writing samples, logs...
+    print(f'error: {e.filename or workdir}: {e.strerror or e}; the checkpoints written before '
+          'are intact: fix this and run the same command to resume', file=sys.stderr)
+    return 2
   return 0

@@ -22,6 +22,7 @@ flags, so they must be parsed in the parent (``app.run`` does it; otherwise
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import json
 
 import grain
 import numpy as np
@@ -39,14 +40,52 @@ def num_examples(prepared_dir, split: str = 'train') -> int:
   return splits[split]['slices'] if split in splits else 0
 
 
+def _fix(prepared_dir) -> str:
+  return f'prepare again (python -m data_prep ... --dst {prepared_dir} --overwrite)'
+
+
 def data_source(prepared_dir, split: str = 'train'):
-  """Random-access source of raw records (TFDS ArrayRecord, no TensorFlow)."""
+  """Random-access source of raw records (TFDS ArrayRecord, no TensorFlow); a damaged
+  record raises DataError naming the split and record when it is read."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if num_examples(prepared_dir, split) == 0:
     raise ValueError(f'{prepared_dir}: split {split!r} holds no slices')
   check_shards(prepared_dir, split)
-  builder = tfds.builder_from_directory(str(prepare.tfds_dir(prepared_dir)))
-  return builder.as_data_source(split=split)
+  folder = prepare.tfds_dir(prepared_dir)
+  for name in ('dataset_info.json', 'features.json'):
+    try:
+      json.loads((folder / name).read_text())
+    except (OSError, ValueError) as e:
+      raise DataError(f'{folder / name}: damaged or unreadable ({type(e).__name__}); '
+                      f'{_fix(prepared_dir)}') from None
+  try:
+    source = tfds.builder_from_directory(str(folder)).as_data_source(split=split)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'{folder}: the TFDS metadata cannot be read ({type(e).__name__}); '
+                    f'{_fix(prepared_dir)}') from None
+  return CheckedSource(source, f'{folder}: record {{}} of the {split} split', _fix(prepared_dir))
+
+
+class CheckedSource:
+  """A record source whose read errors (a shard with flipped bytes fails its checksum)
+  are one DataError naming the record, instead of a Riegeli traceback."""
+
+  def __init__(self, source, where: str, fix: str):
+    self._source, self._where, self._fix = source, where, fix
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    try:
+      return self._source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      detail = (str(e).strip().splitlines() or [''])[0][:120]
+      raise DataError(f'{self._where.format(index)} is damaged ({type(e).__name__}: {detail}); '
+                      f'{self._fix}') from None
+
+  def __repr__(self):  # Grain stores it in iterator checkpoints and compares it on restore.
+    return repr(self._source)
 
 
 def check_shards(prepared_dir, split: str) -> None:
@@ -56,7 +95,7 @@ def check_shards(prepared_dir, split: str) -> None:
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   folder = prepare.tfds_dir(prepared_dir)
-  fix = f'prepare again (python -m data_prep ... --dst {prepared_dir} --overwrite)'
+  fix = _fix(prepared_dir)
   shards = sorted(folder.glob(f'{prepare.BUILDER_NAME}-{split}.array_record-*-of-*'))
   if not shards:
     raise DataError(f'{folder}: the {split} shards are missing; {fix}')
@@ -318,6 +357,32 @@ def iterate_split(prepared_dir, split: str = 'test', *,
     if bool(record['has_seg']):
       example['seg'] = np.asarray(record['seg'], np.uint8)
     yield example
+
+
+# What the model's inputs are: evaluation checks these (it reads the manifest's own split).
+INPUT_FIELDS = ('modalities', 'image_size', 'normalise', 'geometry')
+# Training checks every choice of the preparation, so config.json tells what it trained on.
+PREPARATION_FIELDS = INPUT_FIELDS + ('slices', 'split_ratios', 'split_seed', 'dataset')
+
+
+def check_prepared_matches(data_config, manifest: dict, prepared,
+                           fields=PREPARATION_FIELDS) -> None:
+  """Each of `fields` of `data_config` equals the choice `prepared` was made with;
+  otherwise one line naming the field and both values (config.json, the checkpoints and
+  synthesis all take the config's values as what training saw)."""
+  options = manifest.get('options', {})
+  recorded = {'modalities': list(manifest['modalities']), 'image_size': manifest['image_size'],
+              **{k: options.get(k) for k in fields if k not in ('modalities', 'image_size')}}
+  for field in fields:
+    value = recorded[field]
+    wanted = data_config.get(field)
+    wanted = list(wanted) if isinstance(wanted, (tuple, list)) else wanted
+    if value is None or wanted is None or (field == 'dataset' and wanted == 'auto'):
+      continue  # Not recorded (e.g. splits from --train-src/--test-src folders).
+    if wanted != value:
+      raise DataError(f'config.data.{field}={data_config[field]!r} but {prepared} was prepared '
+                      f'with {field}={value!r}: set --config.data.{field} to match, or '
+                      'prepare again')
 
 
 def prepared_dir_for(config, workdir) -> str:

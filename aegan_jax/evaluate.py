@@ -44,6 +44,7 @@ from aegan_jax import metrics
 from aegan_jax import models
 from aegan_jax import reports
 from data_prep import nifti
+from data_prep import prepare
 from data_prep import preprocess
 
 PROTOCOLS = ('aegan', 'volume', 'brasyn')
@@ -237,22 +238,28 @@ class SubjectVolumes:
   brain: np.ndarray        # [X, Y, S] bool
   seg: np.ndarray | None   # [X, Y, S]
   source: str              # 'source files' | 'prepared slices'
+  why_not_source: str = ''  # with 'prepared slices': why the source files were not used
 
 
 def _read_source(entry, modalities):
-  """The original volumes at the selected slices, or None when a file is unavailable."""
+  """(real, seg) at the selected slices, or (None, why) when the source files are missing,
+  cannot be read, or are not the ones prepared (their size or time differs from the
+  manifest's fingerprint: a regenerated raw tree would move every volume metric)."""
   paths = [entry.get('files', {}).get(m) for m in modalities]
-  if not all(p and pathlib.Path(p).is_file() for p in paths):
-    return None
+  if not all(paths):
+    return None, 'the manifest names no source file for every modality'
+  problem = prepare.source_file_problem(entry)
+  if problem:
+    return None, problem
   shape, keep = entry['shape'], entry['slices']
   try:
     real = np.stack([nifti.read_voxels(p, shape)[:, :, keep] for p in paths])
     seg = None
     if entry.get('seg') and pathlib.Path(entry['seg']).is_file():
       seg = nifti.read_labels(entry['seg'], shape)[:, :, keep]
-  except Exception:  # pylint: disable=broad-except  # Fall back to the prepared slices.
-    return None
-  return real, seg
+  except Exception as e:  # pylint: disable=broad-except  # Fall back to the prepared slices.
+    return None, nifti.one_line(e)
+  return (real, seg), ''
 
 
 def _invert(slices, entry, options, fill, labels=False):
@@ -266,7 +273,7 @@ def subject_volumes(subject: Subject, entry, manifest) -> SubjectVolumes:
   """Real volumes from the source NIfTI files named in the manifest, else inverted slices."""
   modalities, options = manifest['modalities'], manifest['options']
   fill = manifest['background_value']
-  source = _read_source(entry, modalities)
+  source, why_not = _read_source(entry, modalities)
   if source is not None:
     real, seg = source
     brain = (real != 0).any(axis=0)
@@ -276,7 +283,7 @@ def subject_volumes(subject: Subject, entry, manifest) -> SubjectVolumes:
   real = np.stack([preprocess.denormalise(v, entry['normalisation'][m], brain_mask=brain)
                    for v, m in zip(normed, modalities)])
   seg = None if subject.seg is None else _invert(subject.seg, entry, options, 0, labels=True)
-  return SubjectVolumes(real, brain, seg, 'prepared slices')
+  return SubjectVolumes(real, brain, seg, 'prepared slices', why_not)
 
 
 def synthesised_volume(slices, entry, manifest, target, brain) -> np.ndarray:
@@ -312,7 +319,7 @@ def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
                      'subject': subject.subject_id, 'num_slices': len(subject.slices),
                      'source': modalities[source] if method == 'baseline' else '',
                      **cell, **results[protocol]})
-  return rows, _grid_material(subject, cells, synthesised, manifest), volumes.source
+  return rows, _grid_material(subject, cells, synthesised, manifest), volumes
 
 
 def synthesise_cells(synthesizer, images, cells) -> list[np.ndarray]:
@@ -480,12 +487,10 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
 
 
 def _prepared_split(config, workdir, split, log):
-  """(prepared dir, manifest, split to evaluate) of the run; modalities checked."""
+  """(prepared dir, manifest, split to evaluate) of the run; its preprocessing checked."""
   prepared_dir = data.prepared_dir_for(config, workdir)
   manifest = data.load_manifest(prepared_dir)
-  if list(manifest['modalities']) != list(config.data.modalities):
-    raise EvaluationError(f'{prepared_dir} holds {list(manifest["modalities"])} but the config '
-                          f'has {list(config.data.modalities)}')
+  data.check_prepared_matches(config.data, manifest, prepared_dir, data.INPUT_FIELDS)
   return prepared_dir, manifest, resolve_split(prepared_dir, split, log)
 
 
@@ -521,10 +526,17 @@ def _evaluate_subjects(synthesizer, prepared_dir, split, manifest, scores, cells
   num_subjects = manifest['splits'][split]['subjects']
   for i, subject in enumerate(iterate_subjects(prepared_dir, split)):
     tick = time.perf_counter()
-    subject_rows, grids[subject.subject_id], source = evaluate_subject(
+    if subject.subject_id not in manifest['subjects']:
+      raise EvaluationError(f'{pathlib.Path(prepared_dir) / prepare.MANIFEST}: no entry for '
+                            f'subject {subject.subject_id}, whose slices the {split} split '
+                            'holds; prepare again')
+    subject_rows, grids[subject.subject_id], volumes = evaluate_subject(
         synthesizer, subject, manifest['subjects'][subject.subject_id], manifest, scores, cells)
+    if volumes.why_not_source:
+      log(f'warning: {subject.subject_id}: the volume and brasyn metrics use the prepared '
+          f'slices, not the source files: {volumes.why_not_source}')
     rows += subject_rows
-    sources.add(source)
+    sources.add(volumes.source)
     num_slices += len(subject.slices)
     log(f'  [{i + 1}/{num_subjects}] {subject.subject_id}: {len(subject.slices)} slices x '
         f'{len(cells)} scenarios, {time.perf_counter() - tick:.1f} s')

@@ -28,6 +28,8 @@ from aegan_jax import reports
 from aegan_jax import samples
 from aegan_jax import train
 from aegan_jax import workdir_lock
+from data_prep import files
+from data_prep import preprocess
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,11 @@ def validate_config(config) -> None:
       ('train.log_every', config.train.log_every > 0, 'must be positive'),
       ('train.checkpoint_every', config.train.checkpoint_every > 0, 'must be positive'),
       ('train.sample_every', config.train.sample_every > 0, 'must be positive'),
+      ('train.keep_checkpoints', config.train.keep_checkpoints >= 0,
+       'must be >= 0 (0 keeps every checkpoint)'),
+      ('train.seed', 0 <= config.train.seed < 2**32, 'must be in [0, 2**32)'),
+      ('data.image_size', config.data.image_size <= preprocess.MAX_IMAGE_SIZE,
+       f'must be at most {preprocess.MAX_IMAGE_SIZE} (the preparation cap)'),
       ('data.scenarios', config.data.scenarios == 'single' or trainer.generator.any_set,
        "needs config.model.generator='any' (the official generator takes every other "
        'modality as input)'),
@@ -84,7 +91,7 @@ def write_run_info(config, workdir: pathlib.Path) -> None:
   """The resolved config, package versions and devices, for the record."""
   if jax.process_index() != 0:
     return
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  _write(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
   packages = {}
   for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
                'tensorflow-datasets', 'ml-collections', 'numpy'):
@@ -95,7 +102,15 @@ def write_run_info(config, workdir: pathlib.Path) -> None:
   info = {'python': platform.python_version(), 'packages': packages,
           'process_count': jax.process_count(),
           'devices': [f'{d.platform}:{d.id} {d.device_kind}' for d in jax.devices()]}
-  (workdir / 'run_info.json').write_text(json.dumps(info, indent=2) + '\n')
+  _write(workdir / 'run_info.json', json.dumps(info, indent=2) + '\n')
+
+
+def _write(path: pathlib.Path, text: str) -> None:
+  """Whole or not at all; a full disk is one line."""
+  try:
+    files.write_text_atomically(path, text)
+  except OSError as e:
+    raise ConfigError(f'{path}: cannot write ({e.strerror or e})') from None
 
 
 def ensure_prepared(config, workdir: pathlib.Path) -> str:
@@ -163,15 +178,6 @@ def _write_phantom(raw: pathlib.Path, subjects: int, seed: int, shape) -> None:
   if raw.exists():
     raw.rmdir()  # Empty: checked by the caller.
   partial.rename(raw)
-
-
-def check_data_matches(config, manifest: dict, prepared: str) -> None:
-  if tuple(manifest['modalities']) != tuple(config.data.modalities):
-    raise ConfigError(f'config.data.modalities={tuple(config.data.modalities)} but {prepared} '
-                      f'holds {tuple(manifest["modalities"])}')
-  if manifest['image_size'] != config.data.image_size:
-    raise ConfigError(f'config.data.image_size={config.data.image_size} but {prepared} was '
-                      f'prepared at {manifest["image_size"]}; prepare again or match it')
 
 
 def total_steps(config, num_train_examples: int) -> int:
@@ -269,16 +275,23 @@ def train_and_evaluate(config, workdir, step: int | None = None) -> train.TrainS
   then moved to `<workdir>/checkpoints_set_aside/`, never deleted.
   """
   validate_config(config)
-  workdir = make_workdir(workdir)
   mesh = parallel.make_mesh()
-  try:
+  try:  # Before the workdir is made: a refused run leaves nothing behind.
     parallel.check_batch_divisible(config.train.global_batch_size, mesh)
   except ValueError as e:
     raise ConfigError(f'config.{e}') from e
-  with _run_lock(workdir):
-    if step is not None:
-      _resume_from(workdir, step)
-    return _train(config, workdir, mesh)
+  created = not pathlib.Path(workdir).exists()
+  workdir = make_workdir(workdir)
+  try:
+    with _run_lock(workdir):
+      if step is not None:
+        _resume_from(workdir, step)
+      return _train(config, workdir, mesh)
+  except BaseException:
+    if created and jax.process_index() == 0:  # A run refused at once leaves no empty workdir.
+      with contextlib.suppress(OSError):
+        workdir.rmdir()  # Only if still empty.
+    raise
 
 
 def make_workdir(workdir) -> pathlib.Path:
@@ -307,7 +320,7 @@ def _run_lock(workdir: pathlib.Path):
     yield
   finally:
     if path is not None:
-      path.unlink(missing_ok=True)
+      workdir_lock.release(path)
 
 
 def _resume_from(workdir: pathlib.Path, step: int) -> None:
@@ -337,10 +350,9 @@ def _set_aside_after(workdir: pathlib.Path, step: int) -> str:
 
 
 def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
-  write_run_info(config, workdir)
   prepared = ensure_prepared(config, workdir)
-  manifest = data.load_manifest(prepared)
-  check_data_matches(config, manifest, prepared)
+  data.check_prepared_matches(config.data, data.load_manifest(prepared), prepared)
+  write_run_info(config, workdir)  # Once the data is known to match: it records the truth.
   num_steps = total_steps(config, data.num_examples(prepared, 'train'))
 
   trainer = train.make_trainer(config, len(config.data.modalities))
@@ -350,7 +362,8 @@ def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
   iterator = iter(data.make_train_loader(
       prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
       **{name: config.data[name] for name in data.LOADER_FIELDS}))
-  manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  # Orbax deletes every checkpoint with max_to_keep=0; here 0 keeps them all.
+  manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints or None)
   state = _maybe_resume(manager, state, iterator, config, workdir)
   step_fn = train.sharded_train_step(trainer, mesh)
   sample_writer = samples.SampleWriter(trainer.generator, prepared, workdir / 'samples',
@@ -361,10 +374,12 @@ def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
       state, stopped_by = _loop(config, state, step_fn, iterator, mesh, manager, writer,
                                 sample_writer, num_steps, stop)
   finally:
-    manager.wait_until_finished()  # An async save still in flight would be lost.
-    saved_step = manager.latest_step()
-    manager.close()
     writer.close()
+    # An async save still in flight would be lost; one that failed is reported below
+    # (unless the loop's own error is on its way).
+    saved_step, save_error = checkpoints.finish(manager)
+  if save_error:
+    raise save_error
   if stopped_by:
     _report_stop(stopped_by, int(jax.device_get(state.step)), saved_step, workdir)
     return state
@@ -394,7 +409,13 @@ def _maybe_resume(manager, state, iterator, config, workdir):
     meta = checkpoints.read_meta(manager, latest)
   except Exception as e:  # pylint: disable=broad-except
     raise _damaged(manager, where, latest, e) from None
-  checkpoints.check_compatible(meta, config, where)
+  if checkpoints.holds_weights_only(manager, latest):
+    raise checkpoints.CheckpointError(
+        f'{where / str(latest)}: holds network weights only (an import of official weights), '
+        'without the optimizer and data state that training resumes from; evaluate it '
+        '(--mode=evaluate) or synthesize with it as it is, and train in a new --workdir '
+        '(training starts from random weights)')
+  checkpoints.check_compatible(meta, config, where, checkpoints.RESUME_FIELDS)
   log(f'resuming from step {latest} in {where}')
   try:
     return checkpoints.restore_train_state(manager, latest, state, iterator)

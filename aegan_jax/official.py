@@ -12,7 +12,8 @@ weights), which `aegan_jax.evaluate` and `aegan_jax.synthesize` restore.
 
 State dicts come as `.npz` files holding the official tensor names (optionally
 prefixed `G/` or `AE/`, as in the shared fixture) or as PyTorch `.pth` files,
-read with `torch.load(weights_only=True)` when torch is installed.
+read with `torch.load(weights_only=True)` when torch >= 2.6 is installed (older torch is
+refused: its weights_only loading can be bypassed, CVE-2025-32434).
 
 The work lives in `aegan_jax.parity` (check) and `aegan_jax.weight_conversion` (import);
 this module is the command line.

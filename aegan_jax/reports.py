@@ -63,6 +63,16 @@ def _json_safe(tree):
   return tree
 
 
+def csv_cell(value):
+  """A float as 6 significant digits; text that a spreadsheet would run as a formula
+  (a subject named '=1+1') behind a quote, as OWASP advises for CSV files."""
+  if isinstance(value, float):
+    return f'{value:.6g}'
+  if isinstance(value, str) and value.startswith(('=', '+', '-', '@', '\t', '\r')):
+    return "'" + value
+  return value
+
+
 def write_csv(rows, path) -> None:
   """One line per row; an any-set evaluation adds the `available` column first."""
   fields = (('available',) if rows and 'available' in rows[0] else ()) + CSV_FIELDS
@@ -70,7 +80,7 @@ def write_csv(rows, path) -> None:
     writer = csv.DictWriter(f, fields, restval='')
     writer.writeheader()
     for row in rows:
-      writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+      writer.writerow({k: csv_cell(v) for k, v in row.items()})
 
 
 # --------------------------------------------------------------------------

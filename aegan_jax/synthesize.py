@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import math
 import os
 import pathlib
 import sys
@@ -39,6 +40,7 @@ from aegan_jax import checkpoints
 from aegan_jax import host_memory
 from aegan_jax import inference
 from aegan_jax import models
+from data_prep import files
 from data_prep import layouts
 from data_prep import nifti
 from data_prep import preprocess
@@ -162,26 +164,31 @@ def write_nifti(volume, reference, path) -> None:
   os.close(fd)
   try:
     nib.save(image, tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+    os.chmod(tmp, 0o666 & ~files.current_umask())  # mkstemp makes 0600; the usual mode
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 def check_output_folder(input_path, out_dir) -> None:
+  """Before the checkpoint is restored: --output is a folder outside the inputs that can
+  be made and written (nothing is created yet)."""
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not out_dir.is_dir():
     raise SynthesisError(f'--output {out_dir} is a file; give a folder')
   if layouts.paths_overlap(input_path, out_dir):
     raise SynthesisError(f'--output {out_dir} overlaps --input {input_path}: choose a folder '
                          'outside the inputs (synthesis never writes among acquired scans)')
+  try:
+    files.check_writable(out_dir)
+  except OSError as e:
+    raise SynthesisError(f'--output {out_dir}: cannot write there ({e.strerror or e})') from None
+
+
+def check_intensity_scale(scale: float) -> None:
+  if not (math.isfinite(scale) and scale > 0):
+    raise SynthesisError(f'--intensity-scale {scale}: must be a positive finite number')
 
 
 def check_output_files(jobs, out_dir, naming, overwrite: bool) -> None:
@@ -260,7 +267,10 @@ def synthesize_case(synthesizer, job: Job, out_dir, *, naming='case', scale=INTE
                                                  available),
                          brain, data_config, scale)
     path = output_path(job.case, target, out_dir, naming)
-    write_nifti(volume, job.reference, path)
+    try:
+      write_nifti(volume, job.reference, path)
+    except OSError as e:  # A full disk, or a folder made read-only meanwhile.
+      raise SynthesisError(f'{path}: cannot write ({e.strerror or e})') from None
     written.append((target, path))
   return written
 
@@ -324,6 +334,7 @@ def parse_args(argv):
 
 
 def run(args) -> list[pathlib.Path]:
+  check_intensity_scale(args.intensity_scale)
   check_output_folder(args.input, args.output)
   step, config = checkpoints.read_checkpoint_config(args.workdir, args.step)
   cases = layouts.find_cases(args.input, config.data.get('dataset', 'auto'),

@@ -94,8 +94,16 @@ def learning_rate_schedule(base_lr, constant_steps, decay_steps):
 
 def make_optimizer(*, learning_rate, b1, b2, eps, lr_constant_steps, lr_decay_steps):
   """`config.optim` -> (Adam, its learning-rate schedule); each network keeps its own state."""
-  if not learning_rate > 0:
-    raise ValueError(f'config.optim.learning_rate={learning_rate!r} must be positive')
+  checks = [('learning_rate', learning_rate, learning_rate > 0, 'must be positive'),
+            # Adam divides by 1 - b^t: b >= 1 gives NaN or a sign flip.
+            ('b1', b1, 0 <= b1 < 1, 'must be in [0, 1)'),
+            ('b2', b2, 0 <= b2 < 1, 'must be in [0, 1)'),
+            ('eps', eps, eps > 0, 'must be positive'),
+            ('lr_constant_steps', lr_constant_steps, lr_constant_steps >= 0, 'must be >= 0'),
+            ('lr_decay_steps', lr_decay_steps, lr_decay_steps >= 0, 'must be >= 0')]
+  for name, value, ok, requirement in checks:
+    if not ok:  # NaN fails every comparison, so it is refused too.
+      raise ValueError(f'config.optim.{name}={value!r} {requirement}')
   schedule = learning_rate_schedule(learning_rate, lr_constant_steps, lr_decay_steps)
   return optax.adam(schedule, b1=b1, b2=b2, eps=eps), schedule
 

@@ -2,7 +2,7 @@
 
 `read_state_dict` reads `.npz` files holding the official tensor names (optionally
 prefixed `G/` or `AE/`, as in the shared parity fixture) or PyTorch `.pth` files, read
-with `torch.load(weights_only=True)` when torch is installed.  `load_generator` and
+with `torch.load(weights_only=True)` when torch >= 2.6 is installed.  `load_generator` and
 `load_autoencoder` read the architecture off the tensors and convert names and layouts.
 `import_weights` writes the weights as step 0 of an Orbax checkpoint (config.model set
 from the weights), which `aegan_jax.evaluate` and `aegan_jax.synthesize` restore.
@@ -10,9 +10,15 @@ from the weights), which `aegan_jax.evaluate` and `aegan_jax.synthesize` restore
 from __future__ import annotations
 
 import pathlib
+import re
+import runpy
 from typing import Iterator
 
+import ml_collections
 import numpy as np
+
+from aegan_jax import workdir_lock
+from data_prep import files
 
 # --------------------------------------------------------------------------
 # Reading state dicts.
@@ -47,17 +53,31 @@ def read_state_dict(path, prefix: str = '') -> dict[str, np.ndarray]:
   return tensors
 
 
+# torch.load(weights_only=True) can be made to run code before 2.6 (CVE-2025-32434).
+SAFE_TORCH = (2, 6)
+
+
+def _torch_version(torch) -> tuple[int, ...]:
+  return tuple(int(part) for part in re.findall(r'\d+', torch.__version__)[:2])
+
+
 def _read_torch(path) -> dict[str, np.ndarray]:
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  # torch is optional and slow to import
   except ModuleNotFoundError as e:
     raise WeightImportError(f'{path}: reading .pth needs torch (pip install torch), '
                             'or convert it to .npz') from e
+  if _torch_version(torch) < SAFE_TORCH:
+    raise WeightImportError(f'{path}: torch {torch.__version__} is installed, whose weights_only '
+                            'loading can be bypassed to run code (CVE-2025-32434); install torch '
+                            '>= 2.6 or convert the file to .npz')
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # Corrupt files and pickled objects both end here.
-    raise WeightImportError(f'{path}: not a plain PyTorch state dict '
-                            f'({e.__class__.__name__}: {e})') from e
+  except Exception as e:  # pylint: disable=broad-except  # Corrupt files, pickled objects.
+    # torch's message advises loading without weights_only, which runs the file's code:
+    # it is not passed on.
+    raise WeightImportError(f'{path}: not a plain PyTorch state dict ({e.__class__.__name__}; '
+                            'only tensors are read, never pickled objects)') from None
   if not isinstance(state, dict):
     raise WeightImportError(f'{path}: holds a {type(state).__name__}, not a state dict')
   return {k: v.detach().cpu().numpy() for k, v in state.items()}
@@ -219,15 +239,26 @@ def load_autoencoder(tensors):
 
 
 def load_config_file(path):
-  """`get_config()` of a config file such as configs/brats.py."""
-  import runpy  # pylint: disable=g-import-not-at-top
+  """`get_config()` of a config file such as configs/brats.py; one-line errors when the
+  file does not run or returns no config."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise WeightImportError(f'{path}: no such config file')
-  namespace = runpy.run_path(str(path))
-  if 'get_config' not in namespace:
-    raise WeightImportError(f'{path}: defines no get_config()')
-  return namespace['get_config']()
+  try:
+    namespace = runpy.run_path(str(path))
+    if 'get_config' not in namespace:
+      raise WeightImportError(f'{path}: defines no get_config()')
+    config = namespace['get_config']()
+  except SyntaxError as e:
+    raise WeightImportError(f'{path}:{e.lineno}: syntax error ({e.msg})') from None
+  except WeightImportError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # Any error in the user's file.
+    raise WeightImportError(f'{path}: get_config() failed ({type(e).__name__}: {e})') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise WeightImportError(f'{path}: get_config() returned {type(config).__name__}, not a '
+                            'ConfigDict (a missing return statement?)')
+  return config
 
 
 def _read_network(path, prefix):
@@ -294,15 +325,45 @@ def check_weights(module, variables, input_shape, network: str) -> None:
     raise WeightImportError(str(e)) from None
 
 
+def _check_target(workdir, step) -> None:
+  """Before any weights are read: a valid step and a workdir that can hold checkpoints."""
+  from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top  # imports jax
+  if step < 0:
+    raise WeightImportError(f'--step {step}: must be >= 0 (checkpoints are numbered from 0)')
+  try:
+    files.check_writable(workdir)
+  except OSError as e:
+    raise WeightImportError(f'--workdir {workdir}: cannot write there ({e.strerror or e})') \
+        from None
+  existing = checkpoints.checkpoint_dir(workdir)
+  if existing.is_dir() and any(p.name.isdigit() for p in existing.iterdir()):
+    raise WeightImportError(f'{existing} already holds checkpoints; import into a new --workdir')
+
+
+def _save_locked(workdir, step, config, g_vars, ae_vars) -> None:
+  """Writes the checkpoint while holding the workdir's run.lock (no training writes there)."""
+  from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top  # imports jax
+  try:
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    lock = workdir_lock.acquire(workdir)
+  except (OSError, workdir_lock.WorkdirLocked) as e:
+    raise WeightImportError(str(e) if isinstance(e, ValueError) else
+                            f'--workdir {workdir}: {e.strerror or e}') from None
+  try:
+    _check_target(workdir, step)  # Again, now that no run can start there.
+    checkpoints.save_networks(workdir, step, config, g_vars, ae_vars)
+  except checkpoints.CheckpointError as e:
+    raise WeightImportError(str(e)) from None
+  finally:
+    workdir_lock.release(lock)
+
+
 def import_weights(generator_path, config, workdir, autoencoder_path=None, step=0):
   """Official weights -> `<workdir>/checkpoints/<step>`; returns the config it stores.
 
   The workdir must not hold checkpoints yet (a fresh run folder).
   """
-  from aegan_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  existing = checkpoints.checkpoint_dir(workdir)
-  if existing.is_dir() and any(p.name.isdigit() for p in existing.iterdir()):
-    raise WeightImportError(f'{existing} already holds checkpoints; import into a new --workdir')
+  _check_target(workdir, step)
   g_tensors = _read_network(generator_path, 'G/')
   ae_tensors = _read_network(autoencoder_path, 'AE/') if autoencoder_path else None
   config = configure_from_weights(config, g_tensors, ae_tensors)
@@ -314,5 +375,5 @@ def import_weights(generator_path, config, workdir, autoencoder_path=None, step=
   if ae_tensors is not None:
     autoencoder, ae_vars = load_autoencoder(ae_tensors)
     check_weights(autoencoder, ae_vars, (1, size, size, 1), 'autoencoder')
-  checkpoints.save_networks(workdir, step, config, g_vars, ae_vars)
+  _save_locked(workdir, step, config, g_vars, ae_vars)
   return config

@@ -24,6 +24,7 @@ import pathlib
 import re
 
 from data_prep.errors import DataError
+from data_prep.errors import warn
 
 BRATS = 'brats'
 ISLES2015 = 'isles2015'
@@ -90,6 +91,18 @@ class Case:
       return f'{self.subject_id}_{modality}{self.ext}'
     return brats_file_name(self.layout, self.subject_id, modality, self.ext)
 
+  def add(self, modality: str, path: pathlib.Path) -> None:
+    """Records `path` as `modality` (or 'seg'); a second file for it is an error naming
+    both (x_t1.nii beside x_t1.nii.gz, or x_T1 beside x_t1: which one is meant?)."""
+    existing = self.seg if modality == 'seg' else self.files.get(modality)
+    if existing is not None and existing != path:
+      raise DataError(f'{existing} and {path}: two files for {modality} of subject '
+                      f'{self.subject_id}; keep one')
+    if modality == 'seg':
+      self.seg = path
+    else:
+      self.files[modality] = path
+
   def path_for(self, modality: str) -> pathlib.Path:
     """Where ``modality`` is (or would be) in the source tree."""
     if modality == 'seg' and self.seg is not None:
@@ -151,15 +164,13 @@ def _find_modality_first(root: pathlib.Path) -> list[Case]:
         continue
       for path in sorted(folder.iterdir()):
         match = _NIFTI.match(path.name)
-        if not match or not path.is_file():
+        # Dotfiles (macOS '._*' resource forks) are skipped, as the other finders do.
+        if not match or not path.is_file() or path.name.startswith('.'):
           continue
         subject = _strip_modality_token(match['stem'], modality)
         case = by_subject.setdefault(subject, Case(
             subject, 'modality_first', dataset, mods, root, {}, ext=match['ext']))
-        if modality == 'seg':
-          case.seg = path
-        else:
-          case.files[modality] = path
+        case.add(modality, path)
     return sorted(by_subject.values(), key=lambda c: c.subject_id)
   return []
 
@@ -188,11 +199,7 @@ def _find_isles2015(root: pathlib.Path) -> list[Case]:
     case = by_subject.setdefault(subject_dir, Case(
         subject_dir.name, ISLES2015, ISLES2015, ISLES2015_MODALITIES, subject_dir, {},
         ext=match['ext']))
-    modality = tokens_to_modality[match['tok'].lower()]
-    if modality == 'seg':
-      case.seg = path
-    else:
-      case.files[modality] = path
+    case.add(tokens_to_modality[match['tok'].lower()], path)
   return list(by_subject.values())
 
 
@@ -211,12 +218,20 @@ def _find_brats(root: pathlib.Path) -> list[Case]:
         break
       case = by_subject.setdefault(path.parent, Case(
           folder, layout, BRATS, BRATS_MODALITIES, path.parent, {}, ext=match['ext']))
-      if modality == 'seg':
-        case.seg = path
-      else:
-        case.files[modality] = path
+      case.add(modality, path)
       break
   return list(by_subject.values())
+
+
+def check_case_id(case: Case) -> None:
+  """A subject id names output files and folders: it must be a plain name (no path
+  separator, not '.' or '..', no leading dot), or synthesis could write outside --output."""
+  name = case.subject_id
+  if (not name or name in ('.', '..') or name.startswith('.') or
+      any(c in name for c in '/\\\0')):
+    where = next(iter(case.files.values()), case.seg or case.directory)
+    raise DataError(f'{where}: subject id {name!r} is not a plain name (it names output '
+                    'files); rename the file')
 
 
 def check_generic_modalities(modalities) -> tuple[str, ...]:
@@ -229,30 +244,42 @@ def check_generic_modalities(modalities) -> tuple[str, ...]:
   return names
 
 
-def _find_generic(root: pathlib.Path, modalities) -> list[Case]:
-  """``<root>/<case>/<case>_<modality>.nii[.gz]`` (and an optional ``<case>_seg``)."""
+def _generic_case(folder: pathlib.Path, modalities) -> Case | None:
+  """The case of files `<folder>_<modality>.nii[.gz]` (and `<folder>_seg`) in `folder`, or
+  None when it holds none."""
   tokens = {m.lower(): m for m in modalities}
-  cases = []
-  entries = list(root.iterdir())
-  folders = sorted(p for p in entries if p.is_dir() and not p.name.startswith('.'))
-  if any(_NIFTI.match(p.name) and p.name.startswith(root.name + '_') for p in entries):
-    folders = [root]  # `root` is one case folder itself
-  for folder in folders:
-    case = Case(folder.name, GENERIC, GENERIC, tuple(modalities), folder, {})
-    for path in sorted(folder.iterdir()):
-      match = _NIFTI.match(path.name)
-      prefix = folder.name + '_'
-      if not match or not path.is_file() or not match['stem'].startswith(prefix):
-        continue
-      token = match['stem'][len(prefix):].lower()
+  case = Case(folder.name, GENERIC, GENERIC, tuple(modalities), folder, {})
+  prefix = folder.name + '_'
+  for path in sorted(folder.iterdir()):
+    match = _NIFTI.match(path.name)
+    if (not match or not path.is_file() or path.name.startswith('.') or
+        not match['stem'].startswith(prefix)):
+      continue
+    token = match['stem'][len(prefix):].lower()
+    if token == 'seg' or token in tokens:
       case.ext = match['ext']
-      if token == 'seg':
-        case.seg = path
-      elif token in tokens:
-        case.files[tokens[token]] = path
-    if case.files or case.seg:
-      cases.append(case)
-  return cases
+      case.add('seg' if token == 'seg' else tokens[token], path)
+  return case if case.files or case.seg else None
+
+
+def _find_generic(root: pathlib.Path, modalities) -> list[Case]:
+  """``<root>/<case>/<case>_<modality>.nii[.gz]`` (and an optional ``<case>_seg``), or
+  `root` as one case folder; a case folder without such files is skipped with a warning."""
+  folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+  cases = [(folder, _generic_case(folder, modalities)) for folder in folders]
+  root_case = _generic_case(root, modalities)
+  if root_case is not None:
+    inner = [folder for folder, case in cases if case is not None]
+    if inner:  # A stray file must not hide every case folder.
+      stray = next(iter(root_case.files.values()), root_case.seg)
+      raise DataError(f'{stray}: a case file directly in {root}, which holds case folders '
+                      f'({inner[0].name}, ...); move it into its case folder')
+    return [root_case]
+  found = [case for _, case in cases if case is not None]
+  for folder, case in cases:
+    if case is None and found:  # With none found at all, find_cases says so in its error.
+      warn(f'{folder}: no {folder.name}_<{"|".join(modalities)}>.nii[.gz] file; skipped')
+  return found
 
 
 def _find_by_file_names(root: pathlib.Path, dataset: str) -> list[Case]:
@@ -297,10 +324,12 @@ def find_cases(root, dataset: str = 'auto', modalities=None) -> list[Case]:
     elif next(_nifti_files(root), None):
       what = 'no BraTS or ISLES2015 layout recognised among its NIfTI files'
     else:
-      what = 'no NIfTI (.nii/.nii.gz) files found'
+      what = 'no NIfTI (.nii/.nii.gz) files found (names starting with "." are skipped)'
     raise DataError(f'{root}: {what}')
   if dataset != 'auto' and cases[0].dataset != dataset:
     raise DataError(f'{root}: layout {cases[0].layout} is not {dataset}')
+  for case in cases:
+    check_case_id(case)
   cases.sort(key=lambda c: c.subject_id)
   ids = [c.subject_id for c in cases]
   for a, b in zip(ids, ids[1:]):

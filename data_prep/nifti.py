@@ -13,6 +13,9 @@ import numpy as np
 from data_prep.errors import DataError
 
 AFFINE_TOLERANCE = 1e-3
+# Larger volumes are refused before their voxels are allocated: a damaged header can claim
+# any size.  2**28 voxels is 1 GiB as float32 (e.g. 1024 x 1024 x 256).
+MAX_VOXELS = 2**28
 
 
 def one_line(exc: BaseException) -> str:
@@ -33,6 +36,9 @@ def load_header(path, error=DataError):
     shape = shape[:3]
   if len(shape) != 3:
     raise error(f'{path}: expected a 3D volume, got shape {shape}')
+  if min(shape) < 1 or int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
+    raise error(f'{path}: its header claims shape {shape}; volumes of 1 to {MAX_VOXELS:,} voxels '
+                'are read (a damaged header, or resample the scan)')
   return image, shape
 
 
@@ -59,9 +65,16 @@ def read_headers(named_paths, error=DataError):
 
 
 def read_voxels(path, shape, error=DataError) -> np.ndarray:
-  """The volume as float32 ``shape``; every voxel finite."""
+  """The volume as float32 ``shape``; every voxel finite.
+
+  ``shape`` comes from a checked header (``load_header``) or a manifest; a file whose
+  header now claims another size is refused before its voxels are allocated.
+  """
   try:
-    data = np.asarray(nib.load(path).dataobj, np.float32).reshape(shape)
+    image = nib.load(path)
+    if int(np.prod(image.shape, dtype=np.float64)) != int(np.prod(shape, dtype=np.float64)):
+      raise ValueError(f'the header claims shape {tuple(image.shape)}, not {tuple(shape)}')
+    data = np.asarray(image.dataobj, np.float32).reshape(shape)
   except Exception as exc:  # Truncated or damaged voxel data.
     raise error(f'{path}: cannot read voxel data ({one_line(exc)})') from None
   if not np.isfinite(data).all():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -23,13 +24,16 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
 
 import numpy as np
 
+from data_prep import files
 from data_prep import layouts
 from data_prep import nifti
 from data_prep import preprocess
@@ -43,15 +47,48 @@ SPLITS = ('train', 'val', 'test')
 IMAGE_DTYPE = np.float16
 
 
+# Top-level manifest entries every reader relies on, and their types.
+_MANIFEST_ENTRIES = {'modalities': list, 'image_size': int, 'options': dict, 'splits': dict,
+                     'subjects': dict, 'background_value': (int, float)}
+
+
 def load_manifest(prepared_dir) -> dict:
-  """Reads ``prepared_dir/manifest.json``."""
+  """Reads ``prepared_dir/manifest.json``; one-line DataError when it is missing or damaged."""
   path = pathlib.Path(prepared_dir) / MANIFEST
   if not path.is_file():
     raise DataError(f'{path}: not found; run python -m data_prep first')
   try:
-    return json.loads(path.read_text())
-  except ValueError as e:
-    raise DataError(f'{path}: damaged ({e}); prepare again with --overwrite') from None
+    manifest = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise DataError(f'{path}: damaged ({nifti.one_line(e)}); prepare again with '
+                    '--overwrite') from None
+  if not isinstance(manifest, dict):
+    raise DataError(f'{path}: damaged (not a JSON object); prepare again with --overwrite')
+  for key, kind in _MANIFEST_ENTRIES.items():
+    if not isinstance(manifest.get(key), kind):
+      raise DataError(f'{path}: damaged (no valid {key!r} entry); prepare again with '
+                      '--overwrite')
+  return manifest
+
+
+def _file_stat(path) -> list[int]:
+  stat = pathlib.Path(path).stat()
+  return [stat.st_size, stat.st_mtime_ns]
+
+
+def source_file_problem(entry: dict) -> str:
+  """'' when every source file of a manifest subject entry is still the one prepared
+  (same size and modification time, as in the content hash); else what differs."""
+  stats = entry.get('file_stats')
+  if not stats:
+    return 'the manifest records no fingerprint of them (prepared by an earlier version)'
+  for path, recorded in stats.items():
+    try:
+      if _file_stat(path) != recorded:
+        return f'{path} has changed since the preparation (size or modification time)'
+    except OSError as e:
+      return f'{path}: {e.strerror or e}'
+  return ''
 
 
 def tfds_dir(prepared_dir) -> pathlib.Path:
@@ -90,6 +127,9 @@ def load_subject(case: layouts.Case, header: dict, options: dict) -> dict:
   normalised, params, brain = [], {}, np.zeros(shape, bool)
   for modality in case.modalities:
     volume = nifti.read_voxels(case.files[modality], shape)
+    if not volume.any():
+      raise DataError(f'{case.files[modality]}: every voxel is 0 (no {modality} image of '
+                      f'subject {case.subject_id})')
     brain |= volume != 0
     normed, params[modality] = preprocess.normalise_volume(volume, method)
     normalised.append(normed)
@@ -117,12 +157,20 @@ def load_subject(case: layouts.Case, header: dict, options: dict) -> dict:
 # ----------------------------------------------------------------- splitting
 
 
+def check_split(ratios, seed) -> None:
+  ratios = np.asarray(ratios, np.float64)
+  if ratios.shape != (3,) or not np.isfinite(ratios).all() or (ratios < 0).any() or \
+      ratios.sum() <= 0:
+    raise DataError(f'--split-ratios {",".join(str(r) for r in ratios.ravel())}: expected '
+                    'three non-negative finite numbers with a positive sum')
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise DataError(f'--split-seed {seed}: must be a non-negative integer')
+
+
 def assign_splits(subject_ids, ratios, seed) -> dict[str, str]:
   """Seeded subject-level split: subject id -> 'train' | 'val' | 'test'."""
+  check_split(ratios, seed)
   ratios = np.asarray(ratios, np.float64)
-  if ratios.shape != (3,) or (ratios < 0).any() or ratios.sum() <= 0:
-    raise DataError(f'--split-ratios {tuple(ratios)}: expected three '
-                    'non-negative numbers with a positive sum')
   ratios = ratios / ratios.sum()
   ids = sorted(subject_ids)
   count = len(ids)
@@ -258,6 +306,9 @@ class _Plan:
         'seg': str(case.seg) if case.seg is not None else None,
         'file_names': {m: case.filename_for(m)
                        for m in list(case.modalities) + ['seg']},
+        # Evaluation reads the source files only while they are still these.
+        'file_stats': {str(p): _file_stat(p) for p in
+                       list(case.files.values()) + [case.seg] if p is not None},
         'shape': header['shape'],
         'affine': header['affine'],
         'normalisation': result['normalisation'],
@@ -339,15 +390,20 @@ def _fingerprint(cases, options) -> str:
 
 
 def _check_destination(dst: pathlib.Path, sources) -> None:
-  """The output may neither be, lie inside, nor contain a raw source folder."""
+  """The output may neither be, lie inside, nor contain a raw source folder, and must be
+  writable (checked before the long work, creating nothing)."""
   if dst.exists() and not dst.is_dir():
     raise DataError(f'--dst {dst} is a file; give a folder')
   for src in sources:
     if layouts.paths_overlap(dst, src):
       raise DataError(f'--dst {dst} overlaps the raw data {src}: choose a folder outside it')
+  try:
+    files.check_writable(dst.parent)
+  except OSError as e:
+    raise DataError(f'--dst {dst}: cannot write there ({e.strerror or e})') from None
 
 
-def _check_options(normalise, slices, geometry, image_size, workers):
+def _check_options(normalise, slices, geometry, image_size, workers, split_ratios, split_seed):
   if normalise not in preprocess.NORMALISATIONS:
     raise DataError(f'--normalise {normalise!r}: expected one of '
                     f'{preprocess.NORMALISATIONS}')
@@ -355,10 +411,11 @@ def _check_options(normalise, slices, geometry, image_size, workers):
   if geometry not in preprocess.GEOMETRIES:
     raise DataError(f'--geometry {geometry!r}: expected one of '
                     f'{preprocess.GEOMETRIES}')
-  if image_size < 1:
-    raise DataError(f'--image-size {image_size}: must be positive')
+  if not 1 <= image_size <= preprocess.MAX_IMAGE_SIZE:
+    raise DataError(f'--image-size {image_size}: must be from 1 to {preprocess.MAX_IMAGE_SIZE}')
   if workers < 1:
     raise DataError(f'--workers {workers}: must be at least 1')
+  check_split(split_ratios, split_seed)
 
 
 def _discover(src, split_sources, dataset, modalities):
@@ -386,22 +443,46 @@ CONFIG_FIELDS = ('dataset', 'modalities', 'normalise', 'slices', 'geometry', 'im
                  'split_ratios', 'split_seed')
 
 
+def _options(cases, fixed_splits, src, split_sources, choices) -> dict:
+  """What the manifest records as the preparation's options (and the content hash covers)."""
+  return {
+      'dataset': cases[0].dataset, **choices,
+      'image_size': int(choices['image_size']),
+      'split_ratios': None if fixed_splits else [float(r) for r in choices['split_ratios']],
+      'split_seed': None if fixed_splits else int(choices['split_seed']),
+      'split_sources': ({k: str(pathlib.Path(v).resolve())
+                         for k, v in split_sources.items()}
+                        if fixed_splits else None),
+      'src': None if fixed_splits else str(pathlib.Path(src).resolve()),
+      # A generic dataset's names and their order are a choice of the user's.
+      **({'modalities': list(cases[0].modalities)} if cases[0].dataset == 'generic' else {}),
+  }
+
+
 def _up_to_date_report(dst, content_hash, start) -> dict | None:
-  """The report of a `dst` already prepared from the same inputs and options, else None."""
+  """The report of a `dst` already prepared from the same inputs and options, else None
+  (also for a damaged manifest, which --overwrite may then replace)."""
   if not (dst / MANIFEST).is_file():
     return None
-  previous = load_manifest(dst)
+  try:
+    previous = load_manifest(dst)
+  except DataError:
+    return None
   if previous.get('content_hash') != content_hash:
     return None
   return {'dst': str(dst), 'up_to_date': True, 'subjects': len(previous['subjects']),
           'slices': sum(s['slices'] for s in previous['splits'].values()),
-          'splits': previous['splits'], 'skipped': previous['skipped'],
+          'splits': previous['splits'], 'skipped': previous.get('skipped', []),
           'seconds': time.perf_counter() - start, 'slices_per_second': 0.0}
 
 
 def _check_replaceable(dst, overwrite: bool) -> None:
   """A non-empty `dst` is replaced only if it is a prepared dataset and --overwrite is set."""
-  if dst.exists() and any(dst.iterdir()):
+  if not (dst.exists() or dst.is_symlink()):
+    return
+  if not dst.is_dir():
+    raise DataError(f'--dst {dst} is a file; give a folder')
+  if any(dst.iterdir()):
     if not (dst / MANIFEST).is_file():
       raise DataError(f'{dst} is not empty and holds no prepared dataset ({MANIFEST}); '
                       'choose another --dst (--overwrite replaces prepared datasets only)')
@@ -422,6 +503,84 @@ def _validate_cases(cases, skip_bad: bool):
         raise
       skipped.append({'subject_id': case.subject_id, 'reason': str(exc)})
   return headers, good, skipped
+
+
+@contextlib.contextmanager
+def _destination_lock(dst: pathlib.Path):
+  """One preparation per destination at a time (`.DST.lock` beside it, as for workdirs)."""
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  path = dst.parent / f'.{dst.name}.lock'
+  try:
+    files.acquire_lock(path)
+  except files.LockBusy as e:
+    raise DataError(f'--dst {dst} is being prepared by PID {e.owner.get("pid")} on '
+                    f'{e.owner.get("host")} (since {e.owner.get("started")}); wait for it to '
+                    'finish or choose another --dst') from None
+  except OSError as e:
+    raise DataError(f'{path}: cannot write the lock ({e.strerror or e})') from None
+  try:
+    yield
+  finally:
+    files.release_lock(path)
+
+
+_LEFTOVER = r'(?:partial|old)-(?P<host>.+)-(?P<pid>\d+)-[^-]+$'
+
+
+def _remove_dead_leftovers(dst: pathlib.Path) -> None:
+  """Removes `.DST.partial-*` and `.DST.old-*` folders of preparations that died on this
+  host (kill -9 skips every clean-up); those of live processes stay."""
+  pattern = re.compile(re.escape(f'.{dst.name}.') + _LEFTOVER)
+  host = socket.gethostname()
+  for path in dst.parent.iterdir():
+    match = pattern.match(path.name)
+    if (match and match['host'] == host and path.is_dir() and not path.is_symlink() and
+        not files.pid_alive(int(match['pid']))):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_in(staging: pathlib.Path, dst: pathlib.Path, overwrite: bool) -> None:
+  """Renames `staging` to `dst`.  What sits at `dst` is checked again first: something may
+  have appeared there during the preparation, and only a prepared dataset is replaced."""
+  _check_replaceable(dst, overwrite)
+  if dst.is_dir() and not dst.is_symlink() and any(dst.iterdir()):  # --overwrite
+    retired = pathlib.Path(tempfile.mkdtemp(
+        prefix=f'.{dst.name}.old-{files.owner_tag()}-', dir=dst.parent))
+    os.replace(dst, retired / dst.name)
+    os.replace(staging, dst)
+    shutil.rmtree(retired, ignore_errors=True)
+    return
+  try:  # Atomic: fails if a non-empty folder appears at `dst` after the check above.
+    os.rename(staging, dst)
+  except OSError as e:
+    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+      raise
+    raise DataError(f'--dst {dst}: something appeared there during the preparation; '
+                    'nothing was replaced: choose another --dst') from None
+
+
+def _write(plan, dst: pathlib.Path, content_hash: str, overwrite: bool) -> dict:
+  """Writes the dataset beside `dst`, then swaps it in; returns the manifest."""
+  staging = pathlib.Path(tempfile.mkdtemp(
+      prefix=f'.{dst.name}.partial-{files.owner_tag()}-', dir=dst.parent))
+  try:
+    _write_tfds(plan, staging)
+    plan.close()
+    manifest = _manifest(plan, content_hash)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    # mkdtemp makes 0700; the dataset gets the mode of a plain mkdir (shared clusters).
+    os.chmod(staging, 0o777 & ~files.current_umask())
+    _swap_in(staging, dst, overwrite)
+  except OSError as e:
+    plan.close()
+    shutil.rmtree(staging, ignore_errors=True)
+    raise DataError(f'--dst {dst}: cannot write the prepared dataset ({e.strerror or e}); '
+                    'nothing was replaced') from None
+  except BaseException:
+    plan.close()
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return manifest
 
 
 def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max',
@@ -462,24 +621,13 @@ def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max
   start = time.perf_counter()
   dst = pathlib.Path(dst)
   _check_destination(dst, [src] if src is not None else list((split_sources or {}).values()))
-  _check_options(normalise, slices, geometry, image_size, workers)
+  _check_options(normalise, slices, geometry, image_size, workers, split_ratios, split_seed)
   cases, fixed_splits = _discover(src, split_sources, dataset, modalities)
-  modality_sets = {c.modalities for c in cases}
-  if len(modality_sets) > 1:
+  if len({c.modalities for c in cases}) > 1:
     raise DataError('sources mix BraTS and ISLES2015 subjects')
-  options = {
-      'dataset': cases[0].dataset, 'normalise': normalise, 'slices': slices,
-      'geometry': geometry, 'image_size': int(image_size),
-      'split_ratios': None if fixed_splits else [float(r) for r in split_ratios],
-      'split_seed': None if fixed_splits else int(split_seed),
-      'split_sources': ({k: str(pathlib.Path(v).resolve())
-                         for k, v in split_sources.items()}
-                        if fixed_splits else None),
-      'src': None if fixed_splits else str(pathlib.Path(src).resolve()),
-      'skip_bad': bool(skip_bad),
-      # A generic dataset's names and their order are a choice of the user's.
-      **({'modalities': list(cases[0].modalities)} if cases[0].dataset == 'generic' else {}),
-  }
+  options = _options(cases, fixed_splits, src, split_sources, {
+      'normalise': normalise, 'slices': slices, 'geometry': geometry, 'image_size': image_size,
+      'split_ratios': split_ratios, 'split_seed': split_seed, 'skip_bad': bool(skip_bad)})
   content_hash = _fingerprint(cases, options)
   up_to_date = _up_to_date_report(dst, content_hash, start)
   if up_to_date:
@@ -493,27 +641,14 @@ def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max
   plan = _Plan(good, headers, splits, options, list(good[0].modalities),
                workers, skip_bad, progress)
   plan.skipped.extend(skipped)
-
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{dst.name}.partial-',
-                                          dir=dst.parent))
-  try:
-    _write_tfds(plan, staging)
-    plan.close()
-    manifest = _manifest(plan, content_hash)
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if dst.exists():  # --overwrite: swap in, then drop the old copy
-      retired = pathlib.Path(tempfile.mkdtemp(prefix=f'.{dst.name}.old-',
-                                              dir=dst.parent))
-      os.replace(dst, retired / dst.name)
-      os.replace(staging, dst)
-      shutil.rmtree(retired, ignore_errors=True)
-    else:
-      os.replace(staging, dst)
-  except BaseException:
-    plan.close()
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+  with _destination_lock(dst):
+    # Another preparation may have finished while this one validated.
+    up_to_date = _up_to_date_report(dst, content_hash, start)
+    if up_to_date:
+      plan.close()
+      return up_to_date
+    _remove_dead_leftovers(dst)
+    manifest = _write(plan, dst, content_hash, overwrite)
   seconds = time.perf_counter() - start
   total = sum(plan.slice_counts.values())
   return {'dst': str(dst), 'up_to_date': False,

@@ -21,6 +21,8 @@ from data_prep.errors import DataError
 NORMALISATIONS = ('max', 'percentile', 'zscore')
 GEOMETRIES = ('resize', 'pad')
 OFFICIAL_SLICE = 78
+# Largest slice side (prepared data and training); 100000 px would ask for 40 GB a slice.
+MAX_IMAGE_SIZE = 4096
 PERCENTILES = (0.5, 99.5)
 
 
@@ -32,7 +34,9 @@ def normalise_volume(vol, method: str = 'max'):
   """Normalises one modality volume.
 
   Methods:
-    max:        ``vol / max(vol) * 2 - 1`` (official AE-GAN); background -1.
+    max:        ``vol / max(vol) * 2 - 1`` (official AE-GAN); background -1.  Negative
+                voxels (e.g. interpolation ringing) count as 0, so every value stays
+                in the generator's tanh range [-1, 1].
     percentile: clip brain voxels to their [0.5, 99.5] percentiles, map that
                 range linearly to [-1, 1]; background -1.
     zscore:     ``(vol - mean) / std`` over brain voxels; background 0.
@@ -46,7 +50,7 @@ def normalise_volume(vol, method: str = 'max'):
   if method == 'max':
     peak = float(vol.max())
     scale = peak if peak > 0 else 1.0
-    return vol / scale * 2 - 1, {'method': method, 'max': peak}
+    return np.maximum(vol / scale * 2 - 1, -1.0), {'method': method, 'max': peak}
   if not brain.any():
     return (np.full(vol.shape, background_value(method), np.float32),
             {'method': method, 'offset': 0.0, 'scale': 1.0})

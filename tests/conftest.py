@@ -39,6 +39,11 @@ def prepared(tmp_path_factory):
   return root / 'prepared'
 
 
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: takes more than about 10 s (deselect with '
+                                     '-m "not slow")')
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if '_CACHE' in globals():

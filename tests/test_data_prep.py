@@ -1,8 +1,10 @@
 """Discovery, validation, preprocessing and the data_prep CLI."""
 import gzip
 import json
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from data_prep import files
 from data_prep import layouts
 from data_prep import nifti
 from data_prep import phantom
@@ -166,6 +169,18 @@ def _nan(path):
   _write(path, data)
 
 
+def _zero(path):
+  _write(path, np.zeros(SHAPE, np.int16))
+
+
+def _huge_header(path):
+  """A header claiming 2**31 voxels over a few bytes of data: refused before allocating."""
+  image = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+  image.header.set_data_shape((2048, 2048, 512))
+  data = image.header.binaryblock + b'\0' * (352 - 348) + b'\0' * 64
+  path.write_bytes(gzip.compress(data))
+
+
 @pytest.mark.parametrize('damage,reason', [
     (lambda p: p.unlink(), 'missing t2'),
     (_corrupt, 'not a readable NIfTI'),
@@ -173,6 +188,8 @@ def _nan(path):
     (_reshape, r'shape \(16, 16, 7\) differs from t1 \(16, 16, 8\)'),
     (_shift, 'affine differs from t1'),
     (_nan, 'NaN'),
+    (_zero, 'every voxel is 0'),
+    (_huge_header, r'header claims shape \(2048, 2048, 512\)'),
 ])
 def test_bad_subject_fails_cleanly(tmp_path, damage, reason):
   src = _brats2020(tmp_path / 'raw')
@@ -392,3 +409,172 @@ def test_brats_file_names_come_from_one_token_table():
       'BraTS-GLI-00000-000-t2f.nii.gz'
   assert layouts.brats_file_name('brats2020', 'BraTS20_Training_001', 't1ce', '.nii') == \
       'BraTS20_Training_001_t1ce.nii'
+
+
+# ---------------------------------------------------------------- case finding
+
+
+def _modality_first(root, subjects, prefix=''):
+  for modality in ('flair', 't1', 't1ce', 't2'):
+    for subject in subjects:
+      _write(root / modality / f'{prefix}{subject}_{modality}.nii.gz')
+  return root
+
+
+def test_modality_first_dotfiles_are_skipped_and_ids_must_be_plain_names(tmp_path):
+  root = _modality_first(tmp_path / 'mf', ['case_a', 'case_b'])
+  for modality in ('flair', 't1', 't1ce', 't2'):  # macOS resource forks: not NIfTI at all
+    (root / modality / f'._case_a_{modality}.nii.gz').write_bytes(b'\0\5\x16\7 Mac OS X')
+    _write(root / modality / f'.._{modality}.nii.gz')  # would be a case named '..'
+  assert [c.subject_id for c in layouts.find_cases(root)] == ['case_a', 'case_b']
+  # A name that strips to nothing is not a subject id either.
+  _write(root / 't1' / '_t1.nii.gz')
+  with pytest.raises(DataError, match=r"_t1.nii.gz: subject id '' is not a plain name"):
+    layouts.find_cases(root)
+
+
+def _generic(root, cases, names=('t1', 't2')):
+  for case in cases:
+    for name in names:
+      _write(root / case / f'{case}_{name}.nii.gz')
+  return root
+
+
+def test_generic_root_file_never_hides_the_case_folders(tmp_path, capsys):
+  root = _generic(tmp_path / 'raw', ['c1', 'c2'])
+  backup = _write(root / 'raw_t1_backup.nii.gz')  # not a modality: not a case file
+  assert [c.subject_id for c in layouts.find_cases(root, 'generic', ('t1', 't2'))] == ['c1', 'c2']
+  backup.unlink()
+  stray = _write(root / 'raw_t1.nii.gz')
+  with pytest.raises(DataError, match=f'^{re.escape(str(stray))}: a case file directly in'):
+    layouts.find_cases(root, 'generic', ('t1', 't2'))
+  stray.unlink()
+  # A case folder without any matching file is skipped, not silently.
+  _write(root / 'c3' / 'scan.nii.gz')
+  assert [c.subject_id for c in layouts.find_cases(root, 'generic', ('t1', 't2'))] == ['c1', 'c2']
+  assert f'warning: {root / "c3"}: no c3_<t1|t2>.nii[.gz] file; skipped' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('first,second', [('x_t1.nii', 'x_t1.nii.gz'), ('x_T1.nii.gz', 'x_t1.nii.gz')])
+def test_two_files_for_one_modality_are_refused_naming_both(tmp_path, first, second):
+  root = _generic(tmp_path / 'raw', ['x'], names=('t2',))
+  _write(root / 'x' / first)
+  _write(root / 'x' / second)
+  with pytest.raises(DataError, match='two files for t1 of subject x') as info:
+    layouts.find_cases(root, 'generic', ('t1', 't2'))
+  assert first in str(info.value) and second in str(info.value)
+  brats = _brats2020(tmp_path / 'brats', 1)
+  case = brats / 'BraTS20_Training_001'
+  _write(case / 'BraTS20_Training_001_T2.nii')
+  with pytest.raises(DataError, match='two files for t2 of subject BraTS20_Training_001'):
+    layouts.find_cases(brats)
+
+
+# ----------------------------------------------------------------- values
+
+
+def test_max_normalisation_stays_in_the_tanh_range():
+  vol = _volume(2).astype(np.float32)
+  vol[5, 5, 3] = -200.0  # interpolation ringing below 0
+  normed, _ = preprocess.normalise_volume(vol, 'max')
+  assert normed.min() >= -1.0 and normed.max() <= 1.0
+  assert normed[5, 5, 3] == -1.0
+
+
+SMALL = ('--slices', 'range:2:6', '--image-size', '16')
+
+
+@pytest.mark.parametrize('args,message', [
+    (('--split-seed', '-1', *SMALL), '--split-seed -1: must be a non-negative integer'),
+    (('--split-ratios', 'nan,1,1', *SMALL), '--split-ratios nan,1.0,1.0: expected three '
+                                            'non-negative finite numbers'),
+    (('--split-ratios', 'inf,1,1', *SMALL), '--split-ratios inf,1.0,1.0: expected three'),
+    (('--image-size', '100000'), '--image-size 100000: must be from 1 to 4096'),
+])
+def test_bad_options_are_one_line_errors(tmp_path, args, message):
+  src = _brats2020(tmp_path / 'raw', 3)
+  run = _cli('--src', src, '--dst', tmp_path / 'out', '--quiet', *args)
+  assert run.returncode == 2 and run.stderr.startswith(f'error: {message}'), run.stderr
+  assert run.stderr.count('\n') == 1 and not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------- the destination: nothing lost
+
+
+def test_a_folder_made_at_dst_during_preparation_is_never_replaced(tmp_path, monkeypatch):
+  src = _brats2020(tmp_path / 'raw', 2)
+  dst = tmp_path / 'out'
+  write = prepare._write_tfds
+
+  def user_creates_dst(plan, out_dir):
+    write(plan, out_dir)
+    dst.mkdir()
+    (dst / 'notes.txt').write_text('keep me')
+
+  monkeypatch.setattr(prepare, '_write_tfds', user_creates_dst)
+  with pytest.raises(DataError, match=f'^{re.escape(str(dst))} is not empty and holds no '
+                                      'prepared dataset'):
+    prepare.prepare_dataset(src, dst, overwrite=True, **FAST)
+  assert [p.name for p in dst.iterdir()] == ['notes.txt']
+  assert (dst / 'notes.txt').read_text() == 'keep me' and not _leftovers(dst)
+
+
+def test_concurrent_preparations_of_one_dst_are_serialised(tmp_path, monkeypatch):
+  src = _brats2020(tmp_path / 'raw', 2)
+  dst = tmp_path / 'out'
+  write, second = prepare._write_tfds, []
+
+  def another_preparation_meanwhile(plan, out_dir):
+    if not second:
+      second.append('started')
+      with pytest.raises(DataError, match=f'--dst {re.escape(str(dst))} is being prepared by '
+                                          f'PID {os.getpid()}'):
+        prepare.prepare_dataset(src, dst, **{**FAST, 'normalise': 'zscore'})
+    write(plan, out_dir)
+
+  monkeypatch.setattr(prepare, '_write_tfds', another_preparation_meanwhile)
+  prepare.prepare_dataset(src, dst, **FAST)
+  assert second and prepare.load_manifest(dst)['options']['normalise'] == 'max'
+  assert not _leftovers(dst)
+
+
+def test_prepared_folder_gets_the_mode_of_a_plain_mkdir(tmp_path):
+  src = _brats2020(tmp_path / 'raw', 2)
+  prepare.prepare_dataset(src, tmp_path / 'out', **FAST)
+  assert (tmp_path / 'out').stat().st_mode & 0o777 == 0o777 & ~files.current_umask()
+
+
+def test_leftovers_of_a_killed_preparation_are_removed_by_the_next(tmp_path):
+  src = _brats2020(tmp_path / 'raw', 2)
+  dst = tmp_path / 'out'
+  killed = ('import os, signal, sys; from data_prep import prepare\n'
+            'def die(plan, out_dir):\n'
+            '  (out_dir / "half.bin").write_bytes(b"x")\n'
+            '  os.kill(os.getpid(), signal.SIGKILL)\n'
+            'prepare._write_tfds = die\n'
+            f'prepare.prepare_dataset({str(src)!r}, {str(dst)!r}, slices="range:2:6", '
+            'image_size=16, progress=False)\n')
+  run = subprocess.run([sys.executable, '-c', killed], capture_output=True, timeout=120,
+                       cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert run.returncode == -signal.SIGKILL
+  assert _leftovers(dst)  # kill -9 skips every clean-up
+  prepare.prepare_dataset(src, dst, **FAST)
+  assert not _leftovers(dst) and (dst / 'manifest.json').is_file()
+
+
+@pytest.mark.parametrize('blocked', ['file', 'readonly'])
+def test_unwritable_dst_is_a_one_line_error_before_any_work(tmp_path, blocked):
+  src = _brats2020(tmp_path / 'raw', 2)
+  if blocked == 'file':  # A file where a parent folder would go: unwritable even for root.
+    (tmp_path / 'data').write_text('x')
+    dst = tmp_path / 'data' / 'out'
+  else:
+    if os.geteuid() == 0:
+      pytest.skip('root writes into read-only folders')
+    (tmp_path / 'ro').mkdir()
+    (tmp_path / 'ro').chmod(0o555)
+    dst = tmp_path / 'ro' / 'out'
+  run = _cli('--src', src, '--dst', dst, '--quiet', *map(str, ('--slices', 'range:2:6')))
+  assert run.returncode == 2 and run.stderr.startswith(f'error: --dst {dst}: cannot write'), \
+      run.stderr
+  assert run.stderr.count('\n') == 1

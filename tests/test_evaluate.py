@@ -4,6 +4,7 @@ import json
 import shutil
 
 import jax
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,8 +13,10 @@ from aegan_jax import checkpoints
 from aegan_jax import evaluate
 from aegan_jax import inference
 from aegan_jax import models
+from aegan_jax import reports
 from data_prep import phantom
 from data_prep import prepare
+from data_prep.errors import DataError
 from tests_helpers import tiny_config
 
 SHAPE = (40, 36, 24)
@@ -174,3 +177,60 @@ def test_restore_on_a_different_device_count_matches(dataset, report):
                               batch_size=4, mesh=one_mesh)
   images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 4)).astype(np.float32)
   np.testing.assert_allclose(one(images, 2), four(images, 2), atol=1e-5)
+
+
+def _fresh_copy(dataset, tmp_path):
+  """The raw phantom cases and a preparation of their slices 10..13 (all in train)."""
+  shutil.copytree(dataset / 'raw', tmp_path / 'raw')
+  prepare.prepare_dataset(tmp_path / 'raw', tmp_path / 'prepared', image_size=32,
+                          slices='range:10:14', split_ratios=(1.0, 0.0, 0.0), progress=False)
+  config = eval_config(tmp_path / 'prepared')
+  config.data.slices = 'range:10:14'
+  return config
+
+
+def test_raw_files_changed_since_preparation_are_not_used_and_named(dataset, tmp_path):
+  config = _fresh_copy(dataset, tmp_path)
+  changed = sorted((tmp_path / 'raw').glob('*/*_t2.nii.gz'))[0]
+  image = nib.load(changed)  # A regenerated raw tree: other voxels under the same name.
+  nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * 2, image.affine, image.header), changed)
+  messages = []
+  report = evaluate.evaluate(config, tmp_path / 'work', step=1, split='train',
+                             variables=random_variables(config), batch_size=4,
+                             log=messages.append)
+  warnings = [m for m in messages if m.startswith('warning: ')]
+  assert len(warnings) == 1 and f'{changed} has changed since the preparation' in warnings[0]
+  assert warnings[0].startswith(f'warning: {changed.parent.name}: the volume and brasyn')
+  assert report['volume_reference'] == 'prepared slices and source files'
+
+
+def test_a_flipped_shard_or_a_manifest_without_a_subject_is_one_error(dataset, tmp_path):
+  config = _fresh_copy(dataset, tmp_path)
+  manifest_path = tmp_path / 'prepared' / 'manifest.json'
+  manifest = json.loads(manifest_path.read_text())
+  original = manifest_path.read_text()
+  del manifest['subjects'][sorted(manifest['subjects'])[0]]
+  manifest_path.write_text(json.dumps(manifest))
+  evaluate_it = lambda: evaluate.evaluate(config, tmp_path / 'work', step=1, split='train',
+                                          variables=random_variables(config), batch_size=4,
+                                          log=lambda *a: None)
+  with pytest.raises(evaluate.EvaluationError, match='manifest.json: no entry for subject'):
+    evaluate_it()
+  manifest_path.write_text(original)
+  shard = next((tmp_path / 'prepared').rglob('*-train.array_record-*'))
+  flipped = bytearray(shard.read_bytes())
+  flipped[len(flipped) // 3:len(flipped) // 3 + 64] = bytes(64)  # inside a record's chunk
+  shard.write_bytes(bytes(flipped))
+  with pytest.raises(DataError, match=r'record \d+ of the train split is damaged') as info:
+    evaluate_it()
+  assert '\n' not in str(info.value) and 'prepare again' in str(info.value)
+
+
+def test_csv_cells_never_start_a_spreadsheet_formula(tmp_path):
+  rows = [{'method': 'model', 'protocol': 'aegan', 'target': 't1', 'subject': name,
+           'num_slices': 3, 'source': '', 'psnr': -1.5} for name in ('=1+1', '@SUM(A1)', 'ok')]
+  reports.write_csv(rows, tmp_path / 'metrics.csv')
+  with open(tmp_path / 'metrics.csv') as f:
+    read = list(csv.DictReader(f))
+  assert [r['subject'] for r in read] == ["'=1+1", "'@SUM(A1)", 'ok']
+  assert read[0]['psnr'] == '-1.5'  # numbers stay numbers

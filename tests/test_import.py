@@ -1,4 +1,6 @@
 """Importing official weights into an Orbax checkpoint, then restoring them."""
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -150,3 +152,45 @@ def test_non_finite_weights_in_a_checkpoint_stop_synthesis(imported, tmp_path):
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"\['output'\]\['conv'\]\['bias'\] holds NaN or Inf"):
     inference.Synthesizer.restore(tmp_path / 'nan', batch_size=1)
+
+
+@pytest.mark.parametrize('body,message', [
+    ('def get_config(:\n  pass\n', 'cfg.py:1: syntax error'),
+    ('def get_config():\n  config = 1\n', 'cfg.py: get_config() returned NoneType, not a '
+                                          'ConfigDict'),
+])
+def test_a_broken_config_file_is_one_line(tmp_path, capsys, body, message):
+  (tmp_path / 'cfg.py').write_text(body)
+  assert official.main(['import', '--generator', str(tmp_path / 'G.npz'), '--config',
+                        str(tmp_path / 'cfg.py'), '--workdir', str(tmp_path / 'w')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and message in err and err.count('\n') == 1, err
+  assert not (tmp_path / 'w').exists()
+
+
+def test_a_negative_step_is_refused(parity_fixture_path, tmp_path, capsys):
+  assert official.main(['import', '--generator', str(parity_fixture_path), '--config', CONFIG,
+                        '--workdir', str(tmp_path / 'w'), '--step', '-1']) == 2
+  assert capsys.readouterr().err == ('error: --step -1: must be >= 0 (checkpoints are numbered '
+                                     'from 0)\n')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_import_respects_the_run_lock_and_an_unwritable_workdir(parity_fixture_path, tmp_path,
+                                                                capsys):
+  from aegan_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  lock = workdir_lock.acquire(workdir)  # a training run (this process) holds the workdir
+  args = ['import', '--generator', str(parity_fixture_path), '--config', CONFIG]
+  assert official.main([*args, '--workdir', str(workdir)]) == 2
+  err = capsys.readouterr().err
+  assert f'is in use by PID {os.getpid()}' in err and err.count('\n') == 1, err
+  assert not (workdir / 'checkpoints').exists()
+  workdir_lock.release(lock)
+  (tmp_path / 'file').write_text('x')  # no folder can be made below a file, even by root
+  assert official.main([*args, '--workdir', str(tmp_path / 'file' / 'w')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: --workdir {tmp_path / "file" / "w"}: cannot write there'), err
+  assert official.main([*args, '--workdir', str(workdir)]) == 0
+  assert not (workdir / workdir_lock.LOCK_NAME).exists()

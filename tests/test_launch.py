@@ -1,4 +1,5 @@
 """The training job end to end: checkpoints, exact resume, devices, signals, bad configs."""
+import json
 import os
 import pathlib
 import shutil
@@ -6,14 +7,17 @@ import signal
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from aegan_jax import checkpoints
 from aegan_jax import cli
 from aegan_jax import data
 from aegan_jax import job
+from aegan_jax import models
 from aegan_jax import samples
 from configs import demo
+from data_prep import prepare
 from tests_helpers import assert_states_equal, launch_config, restored_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,6 +73,7 @@ def test_bad_config_values_give_one_line_errors(prepared, tmp_path, capsys):
   assert cli.run(config, tmp_path / 'a') == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error: config.train.global_batch_size=6') and '\n' not in err
+  assert not (tmp_path / 'a').exists()  # a refused run leaves no empty workdir behind
   config = launch_config(prepared, num_steps=1)
   config.model.norm = 'group'
   assert cli.run(config, tmp_path / 'b') == 2
@@ -91,6 +96,7 @@ def test_incompatible_checkpoint_is_a_clear_error(prepared, tmp_path, capsys):
 def test_sigterm_saves_a_second_launch_is_refused_and_resume_matches(prepared, tmp_path):
   steps = 40
   overrides = [f'--config.data.prepared_dir={prepared}', '--config.data.image_size=32',
+               '--config.data.slices=range:8:16', '--config.data.split_ratios=(0.5,0.25,0.25)',
                '--config.model.ngf=8', '--config.model.num_blocks=1', '--config.model.norm=batch',
                '--config.train.global_batch_size=4', f'--config.train.num_steps={steps}',
                '--config.train.log_every=1', '--config.train.checkpoint_every=1000',
@@ -177,7 +183,11 @@ def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monke
                                          ('model.dtype', 'float31'), ('loss.gan_mode', 'wgan'),
                                          ('optim.learning_rate', 0.0), ('data.scenarios', 'any'),
                                          ('data.scenarios', 'every'),
-                                         ('data.curriculum_stage_examples', 0)])
+                                         ('data.curriculum_stage_examples', 0),
+                                         ('data.image_size', 100000),
+                                         ('train.keep_checkpoints', -1), ('train.seed', -1),
+                                         ('train.seed', 2**32), ('optim.b1', 2.0),
+                                         ('optim.b2', 1.0), ('optim.eps', 0.0)])
 def test_bad_field_values_are_one_line_errors(prepared, tmp_path, capsys, field,
                                                            value):
   config = launch_config(prepared, num_steps=1)
@@ -243,20 +253,113 @@ def test_damaged_latest_checkpoint_names_the_step_and_step_falls_back(prepared, 
   assert sorted(p.name for p in damaged.parent.iterdir() if p.name.isdigit()) == ['2', '4', '6']
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'delete', 'manifest'])
+def _flip_bytes(path):
+  """Bytes flipped inside a record (the shard's header and footer index stay whole)."""
+  data = bytearray(path.read_bytes())
+  start = len(data) // 3
+  data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
+  path.write_bytes(bytes(data))
+
+
+def _edit_manifest(path, change):
+  manifest = json.loads(path.read_text())
+  change(manifest)
+  path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'delete', 'manifest', 'flip', 'empty_manifest',
+                                    'no_modalities', 'dataset_info'])
 def test_damaged_prepared_dataset_names_the_file_and_the_fix(prepared, tmp_path, capsys, damage):
   copy = tmp_path / 'prepared'
   shutil.copytree(prepared, copy)
   shard = next(copy.rglob('*-train.array_record-*'))
+  manifest = copy / 'manifest.json'
+  named = {'truncate': shard, 'delete': shard.parent, 'flip': f'{shard.parent}: record',
+           'dataset_info': shard.parent / 'dataset_info.json'}.get(damage, manifest)
   if damage == 'truncate':
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
   elif damage == 'delete':
     shard.unlink()
+  elif damage == 'manifest':
+    manifest.write_text(manifest.read_text()[:100])
+  elif damage == 'flip':
+    _flip_bytes(shard)
+  elif damage == 'empty_manifest':
+    manifest.write_text('{}')
+  elif damage == 'no_modalities':
+    _edit_manifest(manifest, lambda m: m.pop('modalities'))
   else:
-    (copy / 'manifest.json').write_text((copy / 'manifest.json').read_text()[:100])
-  assert cli.run(launch_config(copy, num_steps=1), tmp_path / 'run') == 2
+    named.write_text(named.read_text()[:50])
+  # 4 steps of 4 read every one of the 16 training slices.
+  assert cli.run(launch_config(copy, num_steps=4), tmp_path / 'run') == 2
   err = capsys.readouterr().err
-  named = copy / 'manifest.json' if damage == 'manifest' else (
-      shard if damage == 'truncate' else shard.parent)
   assert err.startswith(f'error: {named}') and 'prepare again' in err, err
   assert err.count('\n') == 1
+
+
+@pytest.mark.slow
+def test_keep_checkpoints_zero_keeps_every_checkpoint(prepared, tmp_path):
+  job.train_and_evaluate(launch_config(prepared, num_steps=4), tmp_path)
+  assert checkpoints.make_manager(tmp_path).all_steps() == [2, 4]
+  assert cli.run(launch_config(prepared, num_steps=6, keep_checkpoints=0), tmp_path) == 0
+  assert checkpoints.make_manager(tmp_path).all_steps() == [2, 4, 6]
+
+
+def test_data_prepared_otherwise_is_refused_at_launch_and_at_resume(prepared, tmp_path, capsys):
+  def other(name, **options):
+    dst = tmp_path / name
+    prepare.prepare_dataset(prepared.parent / 'raw', dst, image_size=32, progress=False,
+                            **{'slices': 'range:8:16', 'split_ratios': (0.5, 0.25, 0.25),
+                               **options})
+    return dst
+  zscore = other('zscore', normalise='zscore')
+  # zscore data, the config's default max normalisation: refused, nothing trained.
+  assert cli.run(launch_config(zscore, num_steps=1), tmp_path / 'a') == 2
+  assert capsys.readouterr().err == (
+      f"error: config.data.normalise='max' but {zscore} was prepared with normalise='zscore': "
+      'set --config.data.normalise to match, or prepare again\n')
+  assert not (tmp_path / 'a').exists()  # no config.json claiming 'max', no empty workdir
+  # A run trained on max-normalised data does not resume on data prepared otherwise.
+  assert cli.run(launch_config(prepared, num_steps=2), tmp_path / 'b') == 0
+  for field, value, data in (('normalise', 'zscore', zscore),
+                             ('slices', 'range:9:15', other('slices', slices='range:9:15'))):
+    config = launch_config(data, num_steps=4)
+    config.data[field] = value
+    assert cli.run(config, tmp_path / 'b') == 2
+    err = capsys.readouterr().err
+    trained = launch_config(prepared).data[field]
+    assert f'was trained with data.{field}={trained!r} but the config has {value!r}' in err, err
+    assert err.count('\n') == 1
+  config = launch_config(prepared, num_steps=4)
+  config.data.geometry = 'pad'
+  manager = checkpoints.make_manager(tmp_path / 'b')
+  with pytest.raises(checkpoints.CheckpointError, match="data.geometry='resize' but the config "
+                                                        "has 'pad'"):
+    checkpoints.check_compatible(checkpoints.read_meta(manager, 2), config, 'b',
+                                 checkpoints.RESUME_FIELDS)
+  assert manager.all_steps() == [2]
+
+
+def test_a_workdir_of_imported_weights_is_not_called_damaged(prepared, tmp_path, capsys):
+  config = launch_config(prepared, num_steps=2)
+  generator, _ = models.build_networks(config.model, 4)
+  checkpoints.save_networks(tmp_path, 0, config, generator.init(
+      {'params': jax.random.PRNGKey(0)}, *models.example_inputs(generator, 32), train=False))
+  assert cli.run(config, tmp_path) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {tmp_path / "checkpoints" / "0"}: holds network weights only')
+  assert 'damaged' not in err and 'train in a new --workdir' in err and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('body,message', [
+    ('def get_config(:\n  pass\n', 'cfg.py:1: syntax error'),
+    ('def get_config():\n  config = 1\n', 'cfg.py: get_config() returned None'),
+])
+def test_a_broken_config_file_is_one_line(tmp_path, body, message):
+  (tmp_path / 'cfg.py').write_text(body)
+  run = subprocess.run([sys.executable, 'launch.py', f'--config={tmp_path / "cfg.py"}',
+                        f'--workdir={tmp_path / "w"}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert run.returncode == 2 and run.stderr.startswith('error: ') and message in run.stderr, \
+      run.stderr
+  assert run.stderr.count('\n') == 1 and not (tmp_path / 'w').exists()

@@ -59,6 +59,7 @@ def wait_for_line(process, prefix, timeout=300):
 
 def training_overrides(prepared_dir, evaluate=False):
   return [f'--config.data.prepared_dir={prepared_dir}', '--config.data.image_size=32',
+          '--config.data.slices=range:8:16', '--config.data.split_ratios=(0.5,0.25,0.25)',
           '--config.model.ngf=8', '--config.model.num_blocks=1',
           '--config.model.norm=batch', '--config.train.global_batch_size=4',
           f'--config.train.num_steps={STEPS}', '--config.train.log_every=1',

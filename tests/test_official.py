@@ -1,4 +1,8 @@
 """Parity with the official PyTorch code through its exported weights and outputs."""
+import pickle
+import sys
+import types
+
 import numpy as np
 import pytest
 
@@ -91,3 +95,37 @@ def test_check_on_a_fixture_without_inputs_is_one_line(parity_fixture_path, tmp_
   err = capsys.readouterr().err
   assert err.startswith(f'error: {weights_only}: ') and 'input_A' in err, err
   assert err.count('\n') == 1, err
+
+
+def _fake_torch(monkeypatch, version, load):
+  torch = types.ModuleType('torch')
+  torch.__version__ = version
+  torch.load = load
+  monkeypatch.setitem(sys.modules, 'torch', torch)
+
+
+def test_pth_refused_with_a_torch_whose_weights_only_can_be_bypassed(tmp_path, monkeypatch):
+  loaded = []
+  _fake_torch(monkeypatch, '2.5.1+cu121', lambda *a, **k: loaded.append(a))
+  (tmp_path / 'G.pth').write_bytes(b'PK\x03\x04')
+  with pytest.raises(weight_conversion.WeightImportError,
+                     match=r'G.pth: torch 2.5.1\+cu121 is installed, .*CVE-2025-32434') as info:
+    weight_conversion.read_state_dict(tmp_path / 'G.pth')
+  assert not loaded and '\n' not in str(info.value)
+
+
+def test_pth_refusal_never_advises_loading_without_weights_only(tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise pickle.UnpicklingError(
+        'Weights only load failed. This file can still be loaded, to do so you have two '
+        'options, do those steps only if you trust the source of the checkpoint.\n\t(1) In '
+        'PyTorch 2.6, we changed the default value of the `weights_only` argument in '
+        '`torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set '
+        'to `False` will likely succeed, but it can result in arbitrary code execution.')
+  _fake_torch(monkeypatch, '2.6.0', refuse)
+  (tmp_path / 'G.pth').write_bytes(b'PK\x03\x04')
+  with pytest.raises(weight_conversion.WeightImportError,
+                     match='not a plain PyTorch state dict') as info:
+    weight_conversion.read_state_dict(tmp_path / 'G.pth')
+  message = str(info.value)
+  assert 'False' not in message and 'trust' not in message and '\n' not in message

@@ -1,4 +1,5 @@
 """Synthesis CLI on tiny phantom cases with a random-init checkpoint."""
+import os
 import shutil
 
 import jax
@@ -10,6 +11,7 @@ from aegan_jax import checkpoints
 from aegan_jax import inference
 from aegan_jax import models
 from aegan_jax import synthesize
+from data_prep import files
 from data_prep import phantom
 from data_prep import prepare
 from aegan_jax import job
@@ -306,7 +308,7 @@ def test_existing_results_are_kept_unless_overwrite_and_files_get_the_umask_mode
   out = tmp_path / 'out'
   assert run('--workdir', workdir, '--input', case, '--output', out) == 0
   written = out / 'BraTS20_Training_001' / 'BraTS20_Training_001_t2.nii.gz'
-  assert written.stat().st_mode & 0o777 == 0o666 & ~synthesize._umask()
+  assert written.stat().st_mode & 0o777 == 0o666 & ~files.current_umask()
   written.write_bytes(b'a result of the user')
   capsys.readouterr()
   assert run('--workdir', workdir, '--input', case, '--output', out) == 2
@@ -352,3 +354,47 @@ def test_slices_without_brain_skip_the_generator_and_change_nothing(workdir, off
   config = synthesizer.config.data
   np.testing.assert_array_equal(synthesize.postprocess(skipped, brain, config),
                                 synthesize.postprocess(full, brain, config))
+
+
+def test_a_case_named_dot_dot_never_writes_outside_the_output(workdir, raw, tmp_path, capsys):
+  case = sorted(p for p in raw.iterdir() if p.is_dir())[0]
+  tree = tmp_path / 'mf'
+  for token in ('t1', 't1ce', 't2'):  # modality-first files that would make a case '..'
+    (tree / token).mkdir(parents=True)
+    shutil.copy(case / f'{case.name}_{token}.nii.gz', tree / token / f'.._{token}.nii.gz')
+  out = tmp_path / 'out' / 'inner'
+  assert run('--workdir', workdir, '--input', tree, '--output', out) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
+  assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('scale', ['nan', '-1000', '0', 'inf'])
+def test_intensity_scale_must_be_positive_and_finite(workdir, raw, tmp_path, capsys, scale):
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t2']})
+  assert run('--workdir', workdir, '--input', cases / 'BraTS20_Training_001', '--output',
+             tmp_path / 'out', '--intensity-scale', scale) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: --intensity-scale {float(scale)}: must be a positive finite')
+  assert err.count('\n') == 1 and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('blocked', ['file', 'readonly'])
+def test_unwritable_output_is_refused_before_the_checkpoint_is_restored(
+    workdir, raw, tmp_path, capsys, monkeypatch, blocked):
+  cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t2']})
+  if blocked == 'file':  # A file where the output's parent would go: unwritable even for root.
+    (tmp_path / 'results').write_text('x')
+    out = tmp_path / 'results' / 'out'
+  else:
+    if os.geteuid() == 0:
+      pytest.skip('root writes into read-only folders')
+    (tmp_path / 'ro').mkdir()
+    (tmp_path / 'ro').chmod(0o555)
+    out = tmp_path / 'ro' / 'out'
+  restored = []
+  monkeypatch.setattr(inference.Synthesizer, 'restore', lambda *a, **k: restored.append(1))
+  assert run('--workdir', workdir, '--input', cases, '--output', out) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: --output {out}: cannot write there') and err.count('\n') == 1
+  assert not restored

@@ -1,4 +1,9 @@
 """Small builders shared by tests."""
+import builtins
+import errno
+import io
+import os
+
 import jax
 import numpy as np
 
@@ -42,10 +47,13 @@ def phantom_image_batch(size=SIZE, n=4, seed=0):
 
 
 def launch_config(prepared_dir, **train_fields):
-  """The demo config shrunk for the training-job tests (32 px, ngf 8, one block, batch norm)."""
+  """The demo config shrunk for the training-job tests (32 px, ngf 8, one block, batch norm),
+  with the `prepared` fixture's preprocessing."""
   config = demo.get_config()
   config.data.prepared_dir = str(prepared_dir)
   config.data.image_size = 32
+  config.data.slices = 'range:8:16'             # as the `prepared` fixture was made
+  config.data.split_ratios = (0.5, 0.25, 0.25)
   config.model.ngf = 8
   config.model.num_blocks = 1
   config.model.norm = 'batch'  # official; the running statistics go through checkpoints
@@ -71,3 +79,55 @@ def restored_state(workdir, config, step=None):
 def assert_states_equal(a, b):
   for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
+
+
+class _FullFile:
+  """A file object on a full disk: every write fails with ENOSPC."""
+
+  def __init__(self, handle):
+    self._handle = handle
+
+  def write(self, data):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._handle.name)
+
+  def __getattr__(self, name):
+    return getattr(self._handle, name)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._handle.close()
+
+  def __iter__(self):
+    return iter(self._handle)
+
+
+def disk_full(monkeypatch, folder):
+  """Simulates a full file system under `folder`: writes to files there, through open(),
+  pathlib or os.write, fail with OSError(ENOSPC).  Creating files and folders still works,
+  as it often does on a full disk."""
+  folder = os.path.realpath(folder)
+
+  def inside(target):
+    if isinstance(target, int):
+      try:
+        target = os.readlink(f'/proc/self/fd/{target}')
+      except OSError:
+        return False
+    return os.path.realpath(os.fspath(target)).startswith(folder + os.sep)
+
+  real_open, real_write = io.open, os.write
+
+  def full_open(file, mode='r', *args, **kwargs):
+    handle = real_open(file, mode, *args, **kwargs)
+    return _FullFile(handle) if any(c in mode for c in 'wax+') and inside(file) else handle
+
+  def full_write(fd, data):
+    if inside(fd):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_write(fd, data)
+
+  monkeypatch.setattr(builtins, 'open', full_open)
+  monkeypatch.setattr(io, 'open', full_open)
+  monkeypatch.setattr(os, 'write', full_write)
