@@ -359,30 +359,37 @@ def iterate_split(prepared_dir, split: str = 'test', *,
     yield example
 
 
-# What the model's inputs are: evaluation checks these (it reads the manifest's own split).
-INPUT_FIELDS = ('modalities', 'image_size', 'normalise', 'geometry')
-# Training checks every choice of the preparation, so config.json tells what it trained on.
-PREPARATION_FIELDS = INPUT_FIELDS + ('slices', 'split_ratios', 'split_seed', 'dataset')
+# The model's layout: a prepared dataset of other modalities or size cannot serve the config.
+LAYOUT_FIELDS = ('modalities', 'image_size')
+# The preparation's choices: a run on a prepared dataset takes them from its manifest.
+CHOICE_FIELDS = ('normalise', 'geometry', 'slices', 'split_ratios', 'split_seed', 'dataset')
 
 
-def check_prepared_matches(data_config, manifest: dict, prepared,
-                           fields=PREPARATION_FIELDS) -> None:
-  """Each of `fields` of `data_config` equals the choice `prepared` was made with;
-  otherwise one line naming the field and both values (config.json, the checkpoints and
-  synthesis all take the config's values as what training saw)."""
+def adopt_preparation(data_config, manifest: dict, prepared, log=print) -> None:
+  """Makes `data_config` say how `prepared` was made, so that config.json, the checkpoints
+  and synthesis record what the run saw.
+
+  The layout fields must match (one line naming the field and both values otherwise);
+  each preparation choice that differs replaces the config's value, with a note naming
+  the field and both values.
+  """
   options = manifest.get('options', {})
   recorded = {'modalities': list(manifest['modalities']), 'image_size': manifest['image_size'],
-              **{k: options.get(k) for k in fields if k not in ('modalities', 'image_size')}}
-  for field in fields:
-    value = recorded[field]
-    wanted = data_config.get(field)
-    wanted = list(wanted) if isinstance(wanted, (tuple, list)) else wanted
+              **{k: options.get(k) for k in CHOICE_FIELDS}}
+  for field in LAYOUT_FIELDS + CHOICE_FIELDS:
+    value, wanted = recorded[field], data_config.get(field)
+    listed = list(wanted) if isinstance(wanted, (tuple, list)) else wanted
     if value is None or wanted is None or (field == 'dataset' and wanted == 'auto'):
       continue  # Not recorded (e.g. splits from --train-src/--test-src folders).
-    if wanted != value:
-      raise DataError(f'config.data.{field}={data_config[field]!r} but {prepared} was prepared '
-                      f'with {field}={value!r}: set --config.data.{field} to match, or '
-                      'prepare again')
+    if listed == value:
+      continue
+    if field in LAYOUT_FIELDS:
+      raise DataError(f'config.data.{field}={wanted!r} but {prepared} was prepared with '
+                      f'{field}={value!r}: set --config.data.{field} to match, or prepare again')
+    adopted = tuple(value) if isinstance(wanted, (tuple, list)) else value
+    log(f'note: {prepared} was prepared with data.{field}={adopted!r} (the config has '
+        f'{wanted!r}); this run uses the prepared value')
+    data_config[field] = adopted
 
 
 def prepared_dir_for(config, workdir) -> str:

@@ -441,7 +441,7 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   main_process = jax.process_index() == 0
   log = log if main_process else (lambda *a, **k: None)
   start = time.perf_counter()
-  prepared_dir, manifest, evaluated_split = _prepared_split(config, workdir, split, log)
+  config, prepared_dir, manifest, evaluated_split = _prepared_split(config, workdir, split, log)
   modalities = list(manifest['modalities'])
   synthesizer = _synthesizer(config, workdir, step, batch_size, variables, len(modalities))
   step = synthesizer.step
@@ -487,11 +487,13 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
 
 
 def _prepared_split(config, workdir, split, log):
-  """(prepared dir, manifest, split to evaluate) of the run; its preprocessing checked."""
+  """(config with the prepared data's choices, prepared dir, manifest, split to evaluate);
+  the checkpoint's restore then checks that it was trained on data prepared the same way."""
   prepared_dir = data.prepared_dir_for(config, workdir)
   manifest = data.load_manifest(prepared_dir)
-  data.check_prepared_matches(config.data, manifest, prepared_dir, data.INPUT_FIELDS)
-  return prepared_dir, manifest, resolve_split(prepared_dir, split, log)
+  config = config.copy_and_resolve_references()
+  data.adopt_preparation(config.data, manifest, prepared_dir, log)
+  return config, prepared_dir, manifest, resolve_split(prepared_dir, split, log)
 
 
 def _synthesizer(config, workdir, step, batch_size, variables, num_modalities):

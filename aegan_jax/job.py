@@ -351,8 +351,8 @@ def _set_aside_after(workdir: pathlib.Path, step: int) -> str:
 
 def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
   prepared = ensure_prepared(config, workdir)
-  data.check_prepared_matches(config.data, data.load_manifest(prepared), prepared)
-  write_run_info(config, workdir)  # Once the data is known to match: it records the truth.
+  data.adopt_preparation(config.data, data.load_manifest(prepared), prepared, log)
+  write_run_info(config, workdir)  # With the prepared data's choices: it records the truth.
   num_steps = total_steps(config, data.num_examples(prepared, 'train'))
 
   trainer = train.make_trainer(config, len(config.data.modalities))
