@@ -31,17 +31,8 @@ def parity_fixture_path():
 @pytest.fixture(scope='session')
 def prepared(tmp_path_factory):
   """A prepared phantom dataset: 4 subjects, 32 px, 8 slices each (training-job tests)."""
-  from data_prep import phantom, prepare
-  root = tmp_path_factory.mktemp('data')
-  phantom.write_phantom_dataset(root / 'raw', 4, seed=1, shape=(40, 40, 24))
-  prepare.prepare_dataset(root / 'raw', root / 'prepared', image_size=32, slices='range:8:16',
-                          split_ratios=(0.5, 0.25, 0.25), progress=False)
-  return root / 'prepared'
-
-
-def pytest_configure(config):
-  config.addinivalue_line('markers', 'slow: takes more than about 10 s (deselect with '
-                                     '-m "not slow")')
+  from tests_helpers import prepared_phantom  # after the XLA flags above
+  return prepared_phantom(tmp_path_factory.mktemp('data'))
 
 
 def pytest_sessionfinish(session, exitstatus):

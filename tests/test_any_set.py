@@ -13,9 +13,8 @@ from aegan_jax import data
 from aegan_jax.kernels import convolution
 from aegan_jax import models
 from aegan_jax import train
-from tests_helpers import phantom_image_batch, tiny_config
+from tests_helpers import SIZE, phantom_image_batch, random_variables, tiny_config
 
-SIZE = 32
 
 
 def any_config(**fields):
@@ -23,8 +22,7 @@ def any_config(**fields):
 
 
 def init(generator, seed=0):
-  return generator.init({'params': jax.random.PRNGKey(seed)},
-                        *models.example_inputs(generator, SIZE), train=False)
+  return random_variables(generator, SIZE, seed)
 
 
 def count(tree):

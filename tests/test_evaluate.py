@@ -14,10 +14,9 @@ from aegan_jax import evaluate
 from aegan_jax import inference
 from aegan_jax import models
 from aegan_jax import reports
-from data_prep import phantom
 from data_prep import prepare
 from data_prep.errors import DataError
-from tests_helpers import tiny_config
+from tests_helpers import prepared_phantom, random_variables, tiny_config
 
 SHAPE = (40, 36, 24)
 
@@ -27,25 +26,22 @@ def eval_config(prepared_dir):
                                        'data.image_size': 32, 'data.slices': 'range:4:20'})
 
 
-def random_variables(config, seed=0):
-  generator, _ = models.build_networks(config.model, 4)
-  return generator.init({'params': jax.random.PRNGKey(seed)},
-                        *models.example_inputs(generator, 32), train=False)
+def config_variables(config, seed=0):
+  """Random variables of the config's generator."""
+  return random_variables(models.build_networks(config.model, 4)[0], seed=seed)
 
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
   root = tmp_path_factory.mktemp('eval')
-  phantom.write_phantom_dataset(root / 'raw', 4, seed=0, shape=SHAPE)
-  prepare.prepare_dataset(root / 'raw', root / 'prepared', image_size=32, slices='range:4:20',
-                          split_ratios=(0.5, 0.0, 0.5), progress=False)
+  prepared_phantom(root, seed=0, shape=SHAPE, slices='range:4:20', split_ratios=(0.5, 0.0, 0.5))
   return root
 
 
 @pytest.fixture(scope='module')
 def report(dataset):
   config = eval_config(dataset / 'prepared')
-  checkpoints.save_networks(dataset / 'work', 7, config, random_variables(config))
+  checkpoints.save_networks(dataset / 'work', 7, config, config_variables(config))
   return evaluate.evaluate(config, dataset / 'work', batch_size=6, log=lambda *a: None)
 
 
@@ -76,7 +72,7 @@ def test_writes_json_csv_markdown_and_grids(dataset, report):
 def test_an_any_set_checkpoint_reports_every_cell(dataset, tmp_path):
   config = eval_config(dataset / 'prepared')
   config.model.generator = 'any'
-  checkpoints.save_networks(tmp_path, 3, config, random_variables(config))
+  checkpoints.save_networks(tmp_path, 3, config, config_variables(config))
   report = evaluate.evaluate(config, tmp_path, batch_size=6, log=lambda *a: None)
   cells = report['scenarios']
   assert len(cells) == 28
@@ -156,7 +152,7 @@ def test_without_source_files_and_with_an_empty_split(dataset, tmp_path):
   config.eval.official_test_mode = True  # --config.eval.official_test_mode=True
   messages = []
   report = evaluate.evaluate(config, tmp_path / 'work', step=3, split='val',
-                             variables=random_variables(config, 1), batch_size=4,
+                             variables=config_variables(config, 1), batch_size=4,
                              log=messages.append)
   assert report['split'] == 'train' and report['volume_reference'] == 'prepared slices'
   assert report['official_test_mode'] is True
@@ -196,7 +192,7 @@ def test_raw_files_changed_since_preparation_are_not_used_and_named(dataset, tmp
   nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * 2, image.affine, image.header), changed)
   messages = []
   report = evaluate.evaluate(config, tmp_path / 'work', step=1, split='train',
-                             variables=random_variables(config), batch_size=4,
+                             variables=config_variables(config), batch_size=4,
                              log=messages.append)
   warnings = [m for m in messages if m.startswith('warning: ')]
   assert len(warnings) == 1 and f'{changed} has changed since the preparation' in warnings[0]
@@ -212,7 +208,7 @@ def test_a_flipped_shard_or_a_manifest_without_a_subject_is_one_error(dataset, t
   del manifest['subjects'][sorted(manifest['subjects'])[0]]
   manifest_path.write_text(json.dumps(manifest))
   evaluate_it = lambda: evaluate.evaluate(config, tmp_path / 'work', step=1, split='train',
-                                          variables=random_variables(config), batch_size=4,
+                                          variables=config_variables(config), batch_size=4,
                                           log=lambda *a: None)
   with pytest.raises(evaluate.EvaluationError, match='manifest.json: no entry for subject'):
     evaluate_it()

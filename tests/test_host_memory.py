@@ -1,13 +1,13 @@
 """`host_memory.keep_freed_memory`: a repeated CPU computation stops faulting its
 temporaries in afresh."""
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests_helpers import ROOT
+
 
 # An execution with ~128 MB of temporaries (two 64 MB operands of a product), run twice to
 # warm up (the heap grows to its peak), then twice more while counting minor page faults.

@@ -1,7 +1,6 @@
 """The training job end to end: checkpoints, exact resume, devices, signals, bad configs."""
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -18,9 +17,8 @@ from aegan_jax import models
 from aegan_jax import samples
 from configs import demo
 from data_prep import prepare
-from tests_helpers import assert_states_equal, launch_config, restored_state
+from tests_helpers import ROOT, assert_states_equal, launch_config, restored_state
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path, capsys):
@@ -323,8 +321,9 @@ def test_a_run_takes_the_prepared_datas_choices_and_never_resumes_on_other_data(
   assert checkpoints.read_checkpoint_config(tmp_path / 'a')[1].data.normalise == 'zscore'
   # A run trained on max-normalised data does not resume on data prepared otherwise.
   assert cli.run(launch_config(prepared, num_steps=2), tmp_path / 'b') == 0
-  for field, data in (('normalise', zscore), ('slices', other('slices', slices='range:9:15'))):
-    assert cli.run(launch_config(data, num_steps=4), tmp_path / 'b') == 2
+  for field, other_data in (('normalise', zscore),
+                            ('slices', other('slices', slices='range:9:15'))):
+    assert cli.run(launch_config(other_data, num_steps=4), tmp_path / 'b') == 2
     err = capsys.readouterr().err
     trained = launch_config(prepared).data[field]
     assert f'was trained with data.{field}={trained!r} but the config has' in err, err

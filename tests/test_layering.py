@@ -1,9 +1,8 @@
 """The import graph: inference (evaluation, synthesis) loads no training code."""
-import pathlib
 import subprocess
 import sys
+from tests_helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_synthesis_and_evaluation_import_no_training_code():

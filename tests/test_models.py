@@ -6,6 +6,7 @@ import pytest
 
 from aegan_jax import layers
 from aegan_jax.kernels import convolution
+from tests_helpers import random_variables
 from aegan_jax import models
 
 
@@ -97,7 +98,7 @@ def test_batchnorm_running_stats_follow_pytorch():
 def test_instance_norm_option_builds_and_runs():
   generator = models.SynthesisGenerator(ngf=8, norm='instance', num_blocks=1)
   x = jnp.ones((1, 16, 16, 15))
-  variables = generator.init(jax.random.PRNGKey(0), x, train=False)
+  variables = random_variables(generator, 16)
   assert 'batch_stats' not in variables
   assert 'bias' in variables['params']['encoder_0']['conv_in']  # biases without BatchNorm
   assert generator.apply(variables, x, train=False).shape == (1, 16, 16, 1)

@@ -18,9 +18,8 @@ import jax
 import numpy as np
 
 from aegan_jax import checkpoints
-from tests_helpers import assert_states_equal, launch_config, restored_state
+from tests_helpers import ROOT, assert_states_equal, launch_config, restored_state
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
 
 

@@ -13,9 +13,8 @@ from aegan_jax import models
 from aegan_jax import synthesize
 from data_prep import files
 from data_prep import phantom
-from data_prep import prepare
 from aegan_jax import job
-from tests_helpers import launch_config, tiny_config
+from tests_helpers import launch_config, prepared_phantom, random_variables, tiny_config
 
 SHAPE = (40, 36, 24)
 
@@ -27,10 +26,8 @@ def synthesis_config(geometry='resize', image_size=32):
 
 def write_checkpoint(workdir, config, step=1):
   generator, _ = models.build_networks(config.model, len(config.data.modalities))
-  size = config.data.image_size
-  variables = generator.init({'params': jax.random.PRNGKey(0)},
-                             *models.example_inputs(generator, size), train=False)
-  checkpoints.save_networks(workdir, step, config, variables)
+  checkpoints.save_networks(workdir, step, config,
+                            random_variables(generator, config.data.image_size))
 
 
 @pytest.fixture(scope='module')
@@ -122,10 +119,9 @@ def _brain_correlation(synthesised, real, slices):
 def test_a_trained_any_set_model_fills_two_and_three_missing_modalities(raw, tmp_path):
   """A trained checkpoint (not random weights): the volumes it writes follow the real
   ones, where the same network untrained does not."""
-  phantom.write_phantom_dataset(tmp_path / 'train_raw', 8, seed=5, shape=SHAPE)
-  prepare.prepare_dataset(tmp_path / 'train_raw', tmp_path / 'prepared', image_size=32,
-                          slices='range:8:16', split_ratios=(0.75, 0.125, 0.125), progress=False)
-  config = launch_config(tmp_path / 'prepared', num_steps=600, checkpoint_every=600,
+  prepared = prepared_phantom(tmp_path / 'train', 8, seed=5, shape=SHAPE,
+                              split_ratios=(0.75, 0.125, 0.125))
+  config = launch_config(prepared, num_steps=600, checkpoint_every=600,
                          sample_every=600, log_every=100)
   config.model.generator, config.data.scenarios = 'any', 'any'
   config.model.norm, config.optim.learning_rate = 'instance', 1e-3
@@ -245,8 +241,7 @@ def test_truncated_voxels_leave_no_partial_file(workdir, raw, tmp_path, capsys):
 def test_synthesizer_pads_batches_and_matches_direct_apply():
   config = synthesis_config()
   generator, _ = models.build_networks(config.model, 4)
-  variables = generator.init({'params': jax.random.PRNGKey(1)}, np.zeros((1, 32, 32, 15)),
-                             train=False)
+  variables = random_variables(generator, seed=1)
   synth = inference.Synthesizer(generator, variables, config, batch_size=3)
   assert synth.batch_size % jax.device_count() == 0
   images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 4)).astype(np.float32)
@@ -261,8 +256,7 @@ def official_mode_synthesizer(norm, use_dropout):
   config = synthesis_config()
   config.model.norm, config.model.use_dropout = norm, use_dropout
   generator, _ = models.build_networks(config.model, 4)
-  variables = generator.init({'params': jax.random.PRNGKey(1)}, np.zeros((1, 32, 32, 15)),
-                             train=False)
+  variables = random_variables(generator, seed=1)
   return lambda official: inference.Synthesizer(generator, variables, config, batch_size=4,
                                                 official_test_mode=official)
 

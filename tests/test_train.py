@@ -10,9 +10,8 @@ from aegan_jax import losses
 from aegan_jax import modalities
 from aegan_jax import models
 from aegan_jax import train
-from tests_helpers import tiny_config
+from tests_helpers import SIZE, tiny_config
 
-SIZE = 32
 
 
 def tiny_batch(seed=0, n=2):

@@ -3,17 +3,39 @@ import builtins
 import errno
 import io
 import os
+import pathlib
 
 import jax
 import numpy as np
 
 from aegan_jax import checkpoints
 from aegan_jax import modalities
+from aegan_jax import models
 from aegan_jax import train
 from configs import brats
 from configs import demo
+from data_prep import phantom
+from data_prep import prepare
 
 SIZE = 32
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the project
+
+
+def random_variables(generator, size=SIZE, seed=0):
+  """Freshly initialised variables of a generator (either kind) at `size` px."""
+  return generator.init({'params': jax.random.PRNGKey(seed)},
+                        *models.example_inputs(generator, size), train=False)
+
+
+def prepared_phantom(root, subjects=4, *, seed=1, shape=(40, 40, 24), **options):
+  """Phantom subjects written to <root>/raw and prepared into <root>/prepared (returned);
+  `options` are `prepare_dataset`'s (defaults: 32 px, slices 8:16, split 0.5/0.25/0.25)."""
+  root = pathlib.Path(root)
+  phantom.write_phantom_dataset(root / 'raw', subjects, seed=seed, shape=shape)
+  options = {'image_size': 32, 'slices': 'range:8:16', 'split_ratios': (0.5, 0.25, 0.25),
+             'progress': False, **options}
+  prepare.prepare_dataset(root / 'raw', root / 'prepared', **options)
+  return root / 'prepared'
 
 
 def tiny_config(num_blocks=2, **fields):
@@ -33,7 +55,7 @@ def phantom_image_batch(size=SIZE, n=4, seed=0):
   Each slice comes from its own phantom subject, normalised like prepared data
   (official max normalisation, background -1); targets cycle over modalities.
   """
-  from data_prep import phantom, preprocess
+  from data_prep import preprocess  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   slices = []
   for _ in range(n):
