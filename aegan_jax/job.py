@@ -53,13 +53,7 @@ def validate_config(config) -> None:
     data.check_scenario_options(config.data.scenarios, config.data.curriculum_stage_examples)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  checks = [
-      ('train.global_batch_size', config.train.global_batch_size > 0, 'must be positive'),
-      ('train.num_steps', config.train.num_steps >= 0, 'must be >= 0'),
-      ('train.num_epochs', config.train.num_steps > 0 or config.train.num_epochs > 0,
-       'must be positive when train.num_steps is 0'),
-      ('train.log_every', config.train.log_every > 0, 'must be positive'),
-      ('train.checkpoint_every', config.train.checkpoint_every > 0, 'must be positive'),
+  check_fields(config, train_checks(config) + [
       ('train.sample_every', config.train.sample_every > 0, 'must be positive'),
       # Below 16 px the discriminator's patch-logit map is empty and the GAN loss NaN.
       ('data.image_size', config.data.image_size % 4 == 0 and config.data.image_size >= 16,
@@ -69,15 +63,31 @@ def validate_config(config) -> None:
        'modality as input)'),
       ('data.targets', all(0 <= t < len(config.data.modalities) for t in config.data.targets),
        f'must index data.modalities {tuple(config.data.modalities)}'),
-  ]
-  for field, ok, requirement in checks:
-    if not ok:
-      group, name = field.split('.')
-      raise ConfigError(f'config.{field}={config[group][name]!r} {requirement}')
+  ])
   try:  # the model, optim and loss groups check their own fields
     train.make_trainer(config, len(config.data.modalities))
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def train_checks(config) -> list[tuple[str, bool, str]]:
+  """(field, holds, requirement) of the `config.train` fields every training job reads."""
+  return [
+      ('train.global_batch_size', config.train.global_batch_size > 0, 'must be positive'),
+      ('train.num_steps', config.train.num_steps >= 0, 'must be >= 0'),
+      ('train.num_epochs', config.train.num_steps > 0 or config.train.num_epochs > 0,
+       'must be positive when train.num_steps is 0'),
+      ('train.log_every', config.train.log_every > 0, 'must be positive'),
+      ('train.checkpoint_every', config.train.checkpoint_every > 0, 'must be positive'),
+  ]
+
+
+def check_fields(config, checks) -> None:
+  """ConfigError naming the first (field, holds, requirement) that does not hold."""
+  for field, ok, requirement in checks:
+    if not ok:
+      group, name = field.split('.')
+      raise ConfigError(f'config.{field}={config[group][name]!r} {requirement}')
 
 
 def write_run_info(config, workdir: pathlib.Path) -> None:
@@ -268,17 +278,23 @@ def train_and_evaluate(config, workdir, step: int | None = None) -> train.TrainS
   Resumes from the latest checkpoint in `workdir`, or from `step`: checkpoints after it are
   then moved to `<workdir>/checkpoints_set_aside/`, never deleted.
   """
-  validate_config(config)
+  return run_job(config, workdir, step, validate_config, _train)
+
+
+def run_job(config, workdir, step, validate, train_fn):
+  """`train_fn(config, workdir, mesh)` after `validate(config)`, in a locked workdir, resuming
+  from `step` when given (later checkpoints moved aside)."""
+  validate(config)
   workdir = make_workdir(workdir)
   mesh = parallel.make_mesh()
   try:
     parallel.check_batch_divisible(config.train.global_batch_size, mesh)
   except ValueError as e:
     raise ConfigError(f'config.{e}') from e
-  with _run_lock(workdir):
+  with run_lock(workdir):
     if step is not None:
-      _resume_from(workdir, step)
-    return _train(config, workdir, mesh)
+      resume_from(workdir, step)
+    return train_fn(config, workdir, mesh)
 
 
 def make_workdir(workdir) -> pathlib.Path:
@@ -291,7 +307,7 @@ def make_workdir(workdir) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def _run_lock(workdir: pathlib.Path):
+def run_lock(workdir: pathlib.Path):
   """One run per workdir; process 0 holds the lock for every host."""
   path, refusal = None, ''
   if jax.process_index() == 0:
@@ -310,7 +326,7 @@ def _run_lock(workdir: pathlib.Path):
       path.unlink(missing_ok=True)
 
 
-def _resume_from(workdir: pathlib.Path, step: int) -> None:
+def resume_from(workdir: pathlib.Path, step: int) -> None:
   """Makes `step` the latest checkpoint by moving later ones aside (process 0; all wait)."""
   error = _set_aside_after(workdir, step) if jax.process_index() == 0 else ''
   if jax.process_count() > 1:
@@ -336,37 +352,39 @@ def _set_aside_after(workdir: pathlib.Path, step: int) -> str:
   return ''
 
 
-def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
+def prepare_run(config, workdir: pathlib.Path):
+  """(prepared dir, its manifest, steps to train): run info written, data prepared and
+  checked against the config."""
   write_run_info(config, workdir)
   prepared = ensure_prepared(config, workdir)
   manifest = data.load_manifest(prepared)
   check_data_matches(config, manifest, prepared)
-  num_steps = total_steps(config, data.num_examples(prepared, 'train'))
+  return prepared, manifest, total_steps(config, data.num_examples(prepared, 'train'))
 
+
+def train_iterator(config, prepared, **options):
+  """The endless training stream of `config.train` and the loader fields of `config.data`."""
+  return iter(data.make_train_loader(
+      prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
+      **{name: config.data[name] for name in data.LOADER_FIELDS}, **options))
+
+
+def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
+  prepared, _, num_steps = prepare_run(config, workdir)
   trainer = train.make_trainer(config, len(config.data.modalities))
   state = parallel.replicate(
       train.init_state(trainer, jax.random.PRNGKey(config.train.seed), config.data.image_size),
       mesh)
-  iterator = iter(data.make_train_loader(
-      prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-      **{name: config.data[name] for name in data.LOADER_FIELDS}))
+  iterator = train_iterator(config, prepared)
   manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
-  state = _maybe_resume(manager, state, iterator, config, workdir)
+  state = maybe_resume(manager, config, workdir, state, lambda latest:
+                       checkpoints.restore_train_state(manager, latest, state, iterator))
   step_fn = parallel.sharded_train_step(trainer, mesh)
   sample_writer = samples.SampleWriter(trainer.generator, prepared, workdir / 'samples',
                                        config.data.modalities) if jax.process_index() == 0 else None
-  writer = MetricWriter(workdir)
-  try:
-    with StopRequest() as stop:
-      state, stopped_by = _loop(config, state, step_fn, iterator, mesh, manager, writer,
-                                sample_writer, num_steps, stop)
-  finally:
-    manager.wait_until_finished()  # An async save still in flight would be lost.
-    saved_step = manager.latest_step()
-    manager.close()
-    writer.close()
+  state, stopped_by = run_loop(config, workdir, state, step_fn, iterator, mesh, manager,
+                               num_steps, save=checkpoints.save, sample_writer=sample_writer)
   if stopped_by:
-    _report_stop(stopped_by, int(jax.device_get(state.step)), saved_step, workdir)
     return state
   if config.train.evaluate_at_end:
     from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -385,10 +403,35 @@ def _report_stop(signal_number, step, saved_step, workdir) -> None:
         f'(latest: {saved_step}).')
 
 
-def _maybe_resume(manager, state, iterator, config, workdir):
+def run_loop(config, workdir, state, step_fn, iterator, mesh, manager, num_steps, *, save,
+             sample_writer=None, batch_keys=('images', 'available', 'target_index')):
+  """Trains to `num_steps` with console and TensorBoard logs, saves with `save(manager,
+  state, config, iterator, force=True)`, stops on SIGTERM/SIGINT; closes `manager`.
+  `step_fn(state, batch)` gets the loader's `batch_keys` as global arrays.
+
+  Returns (state, number of the signal that stopped it, or 0).
+  """
+  writer = MetricWriter(workdir)
+  try:
+    with StopRequest() as stop:
+      state, stopped_by = _loop(config, state, step_fn, iterator, mesh, manager, writer,
+                                sample_writer, num_steps, stop, save, batch_keys)
+  finally:
+    manager.wait_until_finished()  # An async save still in flight would be lost.
+    saved_step = manager.latest_step()
+    manager.close()
+    writer.close()
+  if stopped_by:
+    _report_stop(stopped_by, int(jax.device_get(state.step)), saved_step, workdir)
+  return state, stopped_by
+
+
+def maybe_resume(manager, config, workdir, fresh, restore):
+  """`restore(latest step)` when `manager` holds a checkpoint whose meta fits `config`,
+  else `fresh`; a damaged checkpoint is one line naming it and the way back."""
   latest = manager.latest_step()
   if latest is None:
-    return state
+    return fresh
   where = checkpoints.checkpoint_dir(workdir)
   try:
     meta = checkpoints.read_meta(manager, latest)
@@ -397,7 +440,7 @@ def _maybe_resume(manager, state, iterator, config, workdir):
   checkpoints.check_compatible(meta, config, where)
   log(f'resuming from step {latest} in {where}')
   try:
-    return checkpoints.restore_train_state(manager, latest, state, iterator)
+    return restore(latest)
   except Exception as e:  # pylint: disable=broad-except
     raise _damaged(manager, where, latest, e) from None
 
@@ -414,7 +457,7 @@ def _damaged(manager, where, step, error) -> checkpoints.CheckpointError:
 
 
 def _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer,
-          num_steps, stop):
+          num_steps, stop, save, batch_keys):
   """Trains to `num_steps`; returns (state, number of the signal that stopped it, or 0)."""
   step = int(jax.device_get(state.step))
   if step >= num_steps:
@@ -424,7 +467,7 @@ def _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer
       f'on {mesh.size} device(s)')
   window = [time.perf_counter(), 0]  # start time, steps since
   while step < num_steps:
-    batch = parallel.global_batch(next(iterator), mesh)
+    batch = parallel.global_batch(next(iterator), mesh, batch_keys)
     state, metrics = step_fn(state, batch)
     step += 1
     window[1] += 1
@@ -440,7 +483,7 @@ def _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer
     if stopping and not logged:
       _log_metrics(config, step, num_steps, metrics, writer, window)
     if due or stopping:
-      checkpoints.save(manager, state, config, iterator, force=True)
+      save(manager, state, config, iterator, force=True)
     if stopping:
       return state, stopping
   return state, 0
