@@ -11,6 +11,7 @@ import ml_collections
 def get_config(arg=None):
   del arg
   config = ml_collections.ConfigDict()
+  config.task = 'synthesis'                # synthesis (AE-GAN) | segmenter (configs/segmenter_demo.py)
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'brats'            # brats | isles2015 | generic (data_prep layouts)

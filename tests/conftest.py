@@ -39,6 +39,10 @@ def prepared(tmp_path_factory):
   return root / 'prepared'
 
 
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: takes more than about 10 s (-m "not slow" skips)')
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if '_CACHE' in globals():
