@@ -77,4 +77,8 @@ def get_config(arg=None):
   # False: eval mode (BatchNorm running statistics, no dropout; deterministic).  True: each
   # test slice in train mode alone, dropout on, as the official test.py runs it.
   config.eval.official_test_mode = False
+  # A segmenter run's workdir (configs/segmenter_demo.py): metrics.json and metrics.md then
+  # gain `downstream`, the tumour-segmentation Dice with the target real, synthesized,
+  # copied or zeroed (docs/evaluation.md).  '': none.
+  config.eval.segmenter_workdir = ''
   return config
