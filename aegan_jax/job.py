@@ -154,8 +154,10 @@ def _raw_dir(config, workdir) -> pathlib.Path:
   raw = pathlib.Path(config.data.raw_dir or workdir / 'raw')
   subjects = config.data.get('phantom_subjects', 0)
   if subjects > 0 and not (raw.exists() and any(raw.iterdir())):
-    log(f'generating {subjects} phantom subjects in {raw}')
-    _write_phantom(raw, subjects, config.data.phantom_seed, tuple(config.data.phantom_shape))
+    anatomy = config.data.get('phantom_anatomy', 'ellipsoids')
+    log(f'generating {subjects} phantom subjects ({anatomy}) in {raw}')
+    _write_phantom(raw, subjects, config.data.phantom_seed, tuple(config.data.phantom_shape),
+                   anatomy)
   if not config.data.raw_dir and subjects <= 0:
     raise ConfigError('config.data.raw_dir is empty and no prepared data was found: set '
                       '--config.data.raw_dir to the raw NIfTI folder, or '
@@ -163,13 +165,22 @@ def _raw_dir(config, workdir) -> pathlib.Path:
   return raw
 
 
-def _write_phantom(raw: pathlib.Path, subjects: int, seed: int, shape) -> None:
+def _write_phantom(raw: pathlib.Path, subjects: int, seed: int, shape,
+                   anatomy: str = 'ellipsoids') -> None:
   """Writes next to `raw`, then renames: an interrupted run leaves no partial dataset
   that the next run would take for a complete one."""
   from data_prep import phantom  # pylint: disable=g-import-not-at-top
+  if anatomy not in phantom.ANATOMIES:
+    raise ConfigError(f'config.data.phantom_anatomy={anatomy!r} must be one of '
+                      f'{phantom.ANATOMIES}')
   partial = raw.with_name(raw.name + '.partial')
   shutil.rmtree(partial, ignore_errors=True)
-  phantom.write_phantom_dataset(partial, subjects, seed=seed, shape=shape, progress=True)
+  try:
+    phantom.write_phantom_dataset(partial, subjects, seed=seed, shape=shape, progress=True,
+                                  anatomy=anatomy)
+  except BaseException:  # e.g. no template for icbm152: leave nothing behind
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
   if raw.exists():
     raw.rmdir()  # Empty: checked by the caller.
   partial.rename(raw)

@@ -19,6 +19,7 @@ def get_config(arg=None):
   config.data.phantom_subjects = 0         # > 0: generate phantom subjects in raw_dir if empty
   config.data.phantom_shape = (240, 240, 155)
   config.data.phantom_seed = 0
+  config.data.phantom_anatomy = 'ellipsoids'  # ellipsoids | icbm152 (real cortex; needs nilearn)
   config.data.prepared_dir = ''            # default: <workdir>/prepared
   config.data.modalities = ('t1', 't1ce', 't2', 'flair')  # generic: any names, any count
   config.data.image_size = 256             # official crop_size
