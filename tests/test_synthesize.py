@@ -307,3 +307,25 @@ def test_slices_without_brain_skip_the_generator_and_change_nothing(workdir, off
   config = synthesizer.config.data
   np.testing.assert_array_equal(synthesize.postprocess(skipped, brain, config),
                                 synthesize.postprocess(full, brain, config))
+
+
+def test_brasyn_folders_get_exactly_their_missing_file_flat(workdir, tmp_path):
+  # BraSyn 2023+: one folder per case with the three acquired sequences named
+  # <case>-t1n/-t1c/-t2w/-t2f (any case name); the output folder gets the missing files only.
+  phantom.write_phantom_dataset(tmp_path / 'gen', 3, seed=2, shape=SHAPE, layout='brats2023')
+  cases = tmp_path / 'in'
+  missing = {'BraTS-GLI-00000-000': 't2f', 'BraTS-GLI-00001-000': 't1n', 'site3-case042': 't1c'}
+  for folder, (case, token) in zip(sorted((tmp_path / 'gen').iterdir()), missing.items()):
+    (cases / case).mkdir(parents=True)
+    for path in folder.iterdir():
+      if not path.name.endswith((f'-{token}.nii.gz', '-seg.nii.gz')):
+        shutil.copy(path, cases / case / path.name.replace(folder.name, case))
+  assert run('--workdir', workdir, '--input', cases, '--output', tmp_path / 'out',
+             '--naming', 'brasyn') == 0
+  assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == sorted(
+      f'{case}-{token}.nii.gz' for case, token in missing.items())
+  for case in missing:
+    reference = nib.load(next((cases / case).iterdir()))
+    written = nib.load(tmp_path / 'out' / f'{case}-{missing[case]}.nii.gz')
+    assert written.shape == reference.shape == SHAPE
+    np.testing.assert_array_equal(written.affine, reference.affine)
