@@ -18,7 +18,7 @@ from aegan_jax import samples  # noqa: E402  pylint: disable=wrong-import-positi
 from data_prep import layouts  # noqa: E402  pylint: disable=wrong-import-position
 
 LABEL_GREY = {1: 90, 2: 170, 3: 255, 4: 255}
-HEIGHTS = (0.45, 0.6, 0.75)  # fractions of the volume's depth
+HEIGHTS = (0.6, 0.75)  # fractions of the volume's depth
 
 
 def subject_rows(case):
