@@ -11,6 +11,10 @@ training state:
   data              the Grain iterator state (one file per process)
   meta              JSON: the resolved config and the architecture it fixes
 
+A segmenter run (`config.task='segmenter'`, `segmenter_job`) saves `segmenter`
+{'params', 'batch_stats'}, its Adam state as `optimizer`, `progress` {'step'}, `data`
+and `meta`.  The stored config's `task` tells the two kinds apart.
+
 Every restore uses an abstract target (shapes, dtypes and shardings), so a
 checkpoint restores onto any device count.
 """
@@ -32,8 +36,10 @@ if TYPE_CHECKING:  # the state's type only: restoring it needs no training code
   from aegan_jax.train import TrainState
 
 # Config fields a checkpoint cannot change: they fix the parameter shapes or the data.
+# (The segmenter's: model.features, model.levels; a field absent from a config is skipped.)
 ARCHITECTURE_FIELDS = ('model.generator', 'model.ngf', 'model.num_blocks', 'model.norm',
-                       'model.use_dropout', 'data.image_size', 'data.modalities')
+                       'model.use_dropout', 'model.features', 'model.levels',
+                       'data.image_size', 'data.modalities')
 # What the generator's inputs mean: evaluation and synthesis must preprocess as training did.
 INPUT_FIELDS = ARCHITECTURE_FIELDS + ('data.normalise', 'data.geometry')
 # A resumed run must also go on with the same training data.
@@ -66,6 +72,7 @@ def make_manager(workdir, *, max_to_keep: int | None = None, create: bool = True
   # every use.
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
   handlers = {'generator': ocp.StandardCheckpointHandler(),
+              'segmenter': ocp.StandardCheckpointHandler(),
               'autoencoder': ocp.StandardCheckpointHandler(),
               'optimizer': ocp.StandardCheckpointHandler(),
               'progress': ocp.StandardCheckpointHandler(),
@@ -93,23 +100,38 @@ def meta_for(config) -> dict:
 
 def save(manager, state: TrainState, config, data_iterator=None, *, force=False) -> bool:
   """Saves asynchronously; call `manager.wait_until_finished()` before exiting."""
-  step = int(jax.device_get(state.step))
-  items = {
-      'generator': ocp.args.StandardSave(state.generator.variables()),
-      'autoencoder': ocp.args.StandardSave(state.autoencoder.variables()),
-      'optimizer': ocp.args.StandardSave({'generator': state.generator.opt_state,
-                                          'autoencoder': state.autoencoder.opt_state}),
-      'progress': ocp.args.StandardSave({'step': state.step, 'sr_weight': state.sr_weight,
-                                         'rng': state.rng}),
-      'meta': ocp.args.JsonSave(meta_for(config)),
-  }
+  return save_items(manager, int(jax.device_get(state.step)), config, {
+      'generator': state.generator.variables(),
+      'autoencoder': state.autoencoder.variables(),
+      'optimizer': {'generator': state.generator.opt_state,
+                    'autoencoder': state.autoencoder.opt_state},
+      'progress': {'step': state.step, 'sr_weight': state.sr_weight, 'rng': state.rng},
+  }, data_iterator, force=force)
+
+
+def save_items(manager, step: int, config, items: dict, data_iterator=None, *,
+               force=False) -> bool:
+  """Saves the array trees `items` {name: tree}, the config's meta and, when given, the
+  Grain iterator's position as step `step` (asynchronously)."""
+  args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+  args['meta'] = ocp.args.JsonSave(meta_for(config))
   if data_iterator is not None:
     import grain  # pylint: disable=g-import-not-at-top
-    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   try:  # Also raises the failure of the previous, asynchronous save.
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    return manager.save(step, args=ocp.args.Composite(**args), force=force)
   except Exception as e:  # pylint: disable=broad-except
     raise save_failed(manager.directory, e) from None
+
+
+def restore_items(manager, step: int, templates: dict, data_iterator=None) -> dict:
+  """{name: tree} restored onto `templates`' shapes and shardings (abstract targets); the
+  Grain iterator's position too, when given."""
+  args = {name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in templates.items()}
+  if data_iterator is not None:
+    import grain  # pylint: disable=g-import-not-at-top
+    args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  return manager.restore(step, args=ocp.args.Composite(**args))
 
 
 def finish(manager) -> tuple[int | None, CheckpointError | None]:
@@ -167,8 +189,12 @@ def holds_weights_only(manager, step: int) -> bool:
 
 
 def check_compatible(meta: dict, config, where, fields=INPUT_FIELDS) -> None:
-  """Raises CheckpointError naming the first of `fields` whose value differs from the
-  checkpoint's (read from its stored config when its meta predates the field)."""
+  """Raises CheckpointError naming the task, or the first of `fields` whose value differs
+  from the checkpoint's (read from its stored config when its meta predates the field)."""
+  stored_task = (meta.get('config') or {}).get('task', 'synthesis')
+  if stored_task != config.get('task', 'synthesis'):
+    raise CheckpointError(f'{where} holds a {stored_task} checkpoint but the config\'s task is '
+                          f'{config.get("task", "synthesis")!r}; use another --workdir')
   stored = {**config_fields(ml_collections.ConfigDict(meta.get('config') or {}), fields),
             **meta.get('architecture', {})}
   for field, value in config_fields(config, fields).items():
@@ -190,19 +216,14 @@ def _abstract(tree, sharding=None):
 def restore_train_state(manager, step: int, template: TrainState,
                         data_iterator=None) -> TrainState:
   """Restores everything onto `template`'s shapes and shardings (an abstract target)."""
-  items = {
-      'generator': ocp.args.StandardRestore(_abstract(template.generator.variables())),
-      'autoencoder': ocp.args.StandardRestore(_abstract(template.autoencoder.variables())),
-      'optimizer': ocp.args.StandardRestore(_abstract(
-          {'generator': template.generator.opt_state,
-           'autoencoder': template.autoencoder.opt_state})),
-      'progress': ocp.args.StandardRestore(_abstract(
-          {'step': template.step, 'sr_weight': template.sr_weight, 'rng': template.rng})),
-  }
-  if data_iterator is not None:
-    import grain  # pylint: disable=g-import-not-at-top
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  restored = restore_items(manager, step, {
+      'generator': template.generator.variables(),
+      'autoencoder': template.autoencoder.variables(),
+      'optimizer': {'generator': template.generator.opt_state,
+                    'autoencoder': template.autoencoder.opt_state},
+      'progress': {'step': template.step, 'sr_weight': template.sr_weight,
+                   'rng': template.rng},
+  }, data_iterator)
   network = lambda name: getattr(template, name).replace(
       params=restored[name]['params'], batch_stats=restored[name].get('batch_stats', {}),
       opt_state=restored['optimizer'][name])
@@ -235,20 +256,27 @@ def restore_generator(workdir, abstract_variables, step: int | None = None):
 
   Shapes that do not fit the architecture and non-finite weights are one-line errors.
   """
+  return restore_network(workdir, 'generator', abstract_variables, step)
+
+
+def restore_network(workdir, item: str, abstract_variables, step: int | None = None, *,
+                    sharding=None):
+  """(step, variables of the network saved as `item`, meta), as `restore_generator`;
+  `sharding` places every array (default: the abstract variables' own)."""
   manager, step = _open_step(workdir, step)
   where = checkpoint_dir(workdir) / str(step)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        generator=ocp.args.StandardRestore(_abstract(abstract_variables)),
-        meta=ocp.args.JsonRestore()))
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        item: ocp.args.StandardRestore(_abstract(abstract_variables, sharding)),
+        'meta': ocp.args.JsonRestore()}))
   except Exception as e:  # pylint: disable=broad-except
     first_line = (str(e).strip().splitlines() or [''])[0][:300]
-    raise CheckpointError(f'{where}: the generator cannot be restored for this architecture '
+    raise CheckpointError(f'{where}: the {item} cannot be restored for this architecture '
                           f'({type(e).__name__}: {first_line})') from None
   finally:
     manager.close()
-  check_finite(restored['generator'], f'{where} generator')
-  return step, restored['generator'], restored['meta']
+  check_finite(restored[item], f'{where} {item}')
+  return step, restored[item], restored['meta']
 
 
 def _flat(tree) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""What `launch.py` runs once its flags are parsed; importable for tests."""
+"""What `launch.py` runs once its flags are parsed; importable for tests.
+
+`config.task` picks the job: 'synthesis' (AE-GAN, `job` and `evaluate`; the default) or
+'segmenter' (the tumour segmenter of the downstream evaluation, `segmenter_job`).
+"""
 from __future__ import annotations
 
 import sys
@@ -8,20 +12,30 @@ from aegan_jax import host_memory
 from aegan_jax import parallel
 from aegan_jax import job
 
+TASKS = ('synthesis', 'segmenter')
+
 
 def run(config, workdir, *, mode='train', step=None, coordinator_address=None,
         num_processes=None, process_id=None) -> int:
-  """Runs `mode`; user mistakes print one `error:` line and return 2."""
+  """Runs `mode` of `config.task`; user mistakes print one `error:` line and return 2."""
   host_memory.keep_freed_memory()
   parallel.maybe_initialize_distributed(coordinator_address, num_processes, process_id)
   from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from aegan_jax import segmenter_job  # pylint: disable=g-import-not-at-top
   from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top
+  jobs = {'synthesis': (job.train_and_evaluate, job.validate_config, evaluate.evaluate),
+          'segmenter': (segmenter_job.train_and_evaluate, segmenter_job.validate_config,
+                        segmenter_job.evaluate)}
   try:
+    task = config.get('task', 'synthesis')
+    if task not in jobs:
+      raise job.ConfigError(f'config.task={task!r} must be one of {TASKS}')
+    train_fn, validate, evaluate_fn = jobs[task]
     if mode == 'train':
-      job.train_and_evaluate(config, workdir, step=step)
+      train_fn(config, workdir, step=step)
     else:
-      job.validate_config(config)
-      evaluate.evaluate(config, workdir, step=step)
+      validate(config)
+      evaluate_fn(config, workdir, step=step)
   except (job.ConfigError, checkpoints.CheckpointError, evaluate.EvaluationError,
           DataError) as e:
     print(f'error: {e}', file=sys.stderr)

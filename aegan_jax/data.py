@@ -10,6 +10,7 @@ sampled missing-modality scenario, exactly what `train.train_step` consumes
   target_index     int32 scalar         the held-out modality
   example_id       int64 scalar         record position in its split (bookkeeping;
                                         the step does not read it)
+  seg              uint8 [H, W]         labels (only with `with_seg`, for the segmenter)
 
 Randomness (shuffle, scenario, augmentation) is a function of the seed and the
 record index only, so runs replay exactly and iterator checkpoints restore.
@@ -121,15 +122,21 @@ def check_shards(prepared_dir, split: str) -> None:
 
 
 class DecodeSlice(grain.transforms.Map):
-  """Keeps the numeric fields, as float32 images."""
+  """Keeps the numeric fields, as float32 images (and the labels, `with_seg`)."""
+
+  def __init__(self, with_seg: bool = False):
+    self.with_seg = with_seg
 
   def map(self, element):
-    return {'images': np.asarray(element['images'], np.float32),
-            'example_id': np.int64(element['example_id'])}
+    decoded = {'images': np.asarray(element['images'], np.float32),
+               'example_id': np.int64(element['example_id'])}
+    if self.with_seg:
+      decoded['seg'] = np.asarray(element['seg'], np.uint8)
+    return decoded
 
 
 class Augment(grain.transforms.RandomMap):
-  """Same random flip / crop for all modalities of a slice.
+  """Same random flip / crop for all modalities of a slice, and its labels if present.
 
   Random crop is pad-then-crop: pad ``crop_padding`` pixels per side with the
   background value, then cut an ``H x W`` window at a random offset (a shift
@@ -142,16 +149,18 @@ class Augment(grain.transforms.RandomMap):
     self.crop_padding, self.background = crop_padding, background
 
   def random_map(self, element, rng: np.random.Generator):
-    images = element['images']
+    # Labels (H, W) take the images' draws: one flip and one offset per slice.
+    fields = {k: element[k] for k in ('images', 'seg') if k in element}
     if self.flip and rng.random() < 0.5:
-      images = images[:, ::-1]
+      fields = {k: v[:, ::-1] for k, v in fields.items()}
     if self.random_crop and self.crop_padding > 0:
       pad = self.crop_padding
-      padded = np.pad(images, ((pad, pad), (pad, pad), (0, 0)),
-                      constant_values=self.background)
       top, left = rng.integers(0, 2 * pad + 1, size=2)
-      images = padded[top:top + images.shape[0], left:left + images.shape[1]]
-    return {**element, 'images': np.ascontiguousarray(images)}
+      for k, v in fields.items():
+        padded = np.pad(v, ((pad, pad), (pad, pad)) + ((0, 0),) * (v.ndim - 2),
+                        constant_values=self.background if k == 'images' else 0)
+        fields[k] = padded[top:top + v.shape[0], left:left + v.shape[1]]
+    return {**element, **{k: np.ascontiguousarray(v) for k, v in fields.items()}}
 
 
 SCENARIOS = ('single', 'any', 'curriculum')
@@ -264,8 +273,8 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
                 scenario_weights: Sequence[float] = (), shuffle: bool = True,
                 num_epochs: int | None = None, drop_remainder: bool = True,
                 worker_count: int = 0, process_index: int | None = None,
-                process_count: int | None = None) -> grain.DataLoader:
-  """Batched loader for this process's shard of ``split``.
+                process_count: int | None = None, with_seg: bool = False) -> grain.DataLoader:
+  """Batched loader for this process's shard of ``split`` (``with_seg``: with labels).
 
   Each process gets ``global_batch_size // process_count`` examples per batch
   from a disjoint shard of the records.  Grain's IndexSampler makes all
@@ -290,7 +299,7 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
           shard_index=process_index, shard_count=process_count,
           drop_remainder=drop_remainder),
       shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-  operations = [DecodeSlice()]
+  operations = [DecodeSlice(with_seg)]
   if flip or random_crop:
     padding = (manifest['image_size'] // 16 if crop_padding is None
                else crop_padding)

@@ -456,6 +456,8 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / folder)
   if main_process:
     _check_writable(out_dir)  # Before the work, not after it.
+  extra = _downstream(config, synthesizer, prepared_dir, evaluated_split, manifest, scores,
+                      cells, log)
   rows, grids, sources, num_slices = _evaluate_subjects(
       synthesizer, prepared_dir, evaluated_split, manifest, scores, cells, log)
   # The paper's scenario (every other modality in) is the summary for either generator.
@@ -474,6 +476,7 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
       'psnr_cap_db': PSNR_CAP,
       'summary': summary, 'scalars': scalars(summary, modalities),
       **({'scenarios': summarise_scenarios(rows, modalities, cells)} if any_set else {}),
+      **extra,
       'seconds': time.perf_counter() - start,
       'paths': _output_paths(out_dir, modalities, any_set),
   }
@@ -484,6 +487,18 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
       raise EvaluationError(f'{e.filename or out_dir}: cannot write ({e.strerror or e})') from None
   log(f'evaluate: wrote {out_dir} in {report["seconds"]:.1f} s')
   return report
+
+
+def _downstream(config, synthesizer, prepared_dir, split, manifest, scores, cells, log):
+  """{'downstream': tumour-segmentation Dice per scenario} when `config.eval.segmenter_workdir`
+  names a segmenter run, else {}.  Run before the metrics, so a bad segmenter fails at once."""
+  segmenter_workdir = config.get('eval', {}).get('segmenter_workdir', '')
+  if not segmenter_workdir:
+    return {}
+  # Imported here: `downstream` reads subjects through this module.
+  from aegan_jax import downstream  # pylint: disable=g-import-not-at-top
+  return {'downstream': downstream.evaluate_downstream(
+      segmenter_workdir, synthesizer, prepared_dir, split, manifest, scores, cells, log)}
 
 
 def _prepared_split(config, workdir, split, log):

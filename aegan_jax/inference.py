@@ -50,8 +50,7 @@ class Synthesizer:
     self.generator, self.config, self.step = generator, config, step
     self.official_test_mode = official_test_mode
     self.mesh = mesh or parallel.make_mesh()
-    devices = self.mesh.devices.size
-    self.batch_size = -(-max(batch_size, 1) // devices) * devices
+    self.batch_size = device_multiple(batch_size, self.mesh)
     replicated, self._batch = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
     self.variables = parallel.replicate(variables, self.mesh)
     self._apply = jax.jit(self._forward, in_shardings=(replicated,) + (self._batch,) * 4,
@@ -87,16 +86,6 @@ class Synthesizer:
       return output[0, ..., 0].astype(jnp.float32)
     return jax.vmap(one_slice)(inputs, position)
 
-  def _put(self, array):
-    # Works on one or many processes, as long as every process passes the same array.
-    return jax.make_array_from_callback(array.shape, self._batch, lambda index: array[index])
-
-  def _get(self, array):
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(array)
-
   def __call__(self, images, target_index, positions=None, available=None) -> np.ndarray:
     """images [N, H, W, M] normalised (absent channels ignored), target_index int or [N].
 
@@ -117,17 +106,46 @@ class Synthesizer:
     columns = {'images': images, 'targets': targets, 'available': available,
                'positions': np.arange(n) if positions is None else np.asarray(positions)}
     columns['positions'] = columns['positions'].astype(np.int32)
-    outputs, pads = [], []
-    for start in range(0, n, self.batch_size):
-      chunk = {k: v[start:start + self.batch_size] for k, v in columns.items()}
-      pad = self.batch_size - len(chunk['images'])
-      chunk = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-               for k, v in chunk.items()}
-      # Dispatch every batch before fetching any: transfers overlap the computation.
-      outputs.append(self._apply(self.variables, *(self._put(chunk[k]) for k in (
-          'images', 'available', 'targets', 'positions'))))
-      pads.append(pad)
-    if not outputs:
-      return np.zeros((0,) + images.shape[1:3], np.float32)
-    outputs = [self._get(out)[:self.batch_size - pad] for out, pad in zip(outputs, pads)]
-    return np.concatenate(outputs)
+    return run_in_batches(
+        lambda chunk: self._apply(self.variables, *(put_sharded(chunk[k], self._batch) for k in (
+            'images', 'available', 'targets', 'positions'))),
+        columns, self.batch_size, (0,) + images.shape[1:3])
+
+
+def device_multiple(batch_size: int, mesh) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's device count (at least one)."""
+  devices = mesh.devices.size
+  return -(-max(batch_size, 1) // devices) * devices
+
+
+def put_sharded(array, sharding):
+  """A host array as a global one; works on one or many processes, as long as every
+  process passes the same array."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def fetch(array) -> np.ndarray:
+  """A batch-sharded result as one host array (all-gathered across processes)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(array)
+
+
+def run_in_batches(apply, columns: dict, batch_size: int, empty_shape) -> np.ndarray:
+  """`apply(chunk)` over fixed-size chunks of `columns` (equal-length host arrays; the last
+  chunk zero padded, so one compiled program serves every call), results concatenated
+  without the padding.  Every chunk is dispatched before any is fetched: transfers
+  overlap the computation.  `empty_shape`: the result's shape for no rows."""
+  n = len(next(iter(columns.values())))
+  outputs, pads = [], []
+  for start in range(0, n, batch_size):
+    chunk = {k: v[start:start + batch_size] for k, v in columns.items()}
+    pad = batch_size - len(next(iter(chunk.values())))
+    chunk = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+             for k, v in chunk.items()}
+    outputs.append(apply(chunk))
+    pads.append(pad)
+  if not outputs:
+    return np.zeros(empty_shape, np.float32)
+  return np.concatenate([fetch(out)[:batch_size - pad] for out, pad in zip(outputs, pads)])

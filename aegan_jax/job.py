@@ -62,17 +62,8 @@ def validate_config(config) -> None:
     models.check_image_size(size, size, what=f'config.data.image_size={size!r}:')
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  checks = [
-      ('train.global_batch_size', config.train.global_batch_size > 0, 'must be positive'),
-      ('train.num_steps', config.train.num_steps >= 0, 'must be >= 0'),
-      ('train.num_epochs', config.train.num_steps > 0 or config.train.num_epochs > 0,
-       'must be positive when train.num_steps is 0'),
-      ('train.log_every', config.train.log_every > 0, 'must be positive'),
-      ('train.checkpoint_every', config.train.checkpoint_every > 0, 'must be positive'),
+  check_fields(config, train_checks(config) + [
       ('train.sample_every', config.train.sample_every > 0, 'must be positive'),
-      ('train.keep_checkpoints', config.train.keep_checkpoints >= 0,
-       'must be >= 0 (0 keeps every checkpoint)'),
-      ('train.seed', 0 <= config.train.seed < 2**32, 'must be in [0, 2**32)'),
       ('data.image_size', config.data.image_size <= preprocess.MAX_IMAGE_SIZE,
        f'must be at most {preprocess.MAX_IMAGE_SIZE} (the preparation cap)'),
       ('data.scenarios', config.data.scenarios == 'single' or trainer.generator.any_set,
@@ -80,7 +71,26 @@ def validate_config(config) -> None:
        'modality as input)'),
       ('data.targets', all(0 <= t < len(config.data.modalities) for t in config.data.targets),
        f'must index data.modalities {tuple(config.data.modalities)}'),
+  ])
+
+
+def train_checks(config) -> list[tuple[str, bool, str]]:
+  """(field, holds, requirement) of the `config.train` fields every training job reads."""
+  return [
+      ('train.global_batch_size', config.train.global_batch_size > 0, 'must be positive'),
+      ('train.num_steps', config.train.num_steps >= 0, 'must be >= 0'),
+      ('train.num_epochs', config.train.num_steps > 0 or config.train.num_epochs > 0,
+       'must be positive when train.num_steps is 0'),
+      ('train.log_every', config.train.log_every > 0, 'must be positive'),
+      ('train.checkpoint_every', config.train.checkpoint_every > 0, 'must be positive'),
+      ('train.keep_checkpoints', config.train.keep_checkpoints >= 0,
+       'must be >= 0 (0 keeps every checkpoint)'),
+      ('train.seed', 0 <= config.train.seed < 2**32, 'must be in [0, 2**32)'),
   ]
+
+
+def check_fields(config, checks) -> None:
+  """ConfigError naming the first (field, holds, requirement) that does not hold."""
   for field, ok, requirement in checks:
     if not ok:
       group, name = field.split('.')
@@ -159,8 +169,10 @@ def _raw_dir(config, workdir) -> pathlib.Path:
   raw = pathlib.Path(config.data.raw_dir or workdir / 'raw')
   subjects = config.data.get('phantom_subjects', 0)
   if subjects > 0 and not (raw.exists() and any(raw.iterdir())):
-    log(f'generating {subjects} phantom subjects in {raw}')
-    _write_phantom(raw, subjects, config.data.phantom_seed, tuple(config.data.phantom_shape))
+    anatomy = config.data.get('phantom_anatomy', 'ellipsoids')
+    log(f'generating {subjects} phantom subjects ({anatomy}) in {raw}')
+    _write_phantom(raw, subjects, config.data.phantom_seed, tuple(config.data.phantom_shape),
+                   anatomy)
   if not config.data.raw_dir and subjects <= 0:
     raise ConfigError('config.data.raw_dir is empty and no prepared data was found: set '
                       '--config.data.raw_dir to the raw NIfTI folder, or '
@@ -168,13 +180,22 @@ def _raw_dir(config, workdir) -> pathlib.Path:
   return raw
 
 
-def _write_phantom(raw: pathlib.Path, subjects: int, seed: int, shape) -> None:
+def _write_phantom(raw: pathlib.Path, subjects: int, seed: int, shape,
+                   anatomy: str = 'ellipsoids') -> None:
   """Writes next to `raw`, then renames: an interrupted run leaves no partial dataset
   that the next run would take for a complete one."""
   from data_prep import phantom  # pylint: disable=g-import-not-at-top
+  if anatomy not in phantom.ANATOMIES:
+    raise ConfigError(f'config.data.phantom_anatomy={anatomy!r} must be one of '
+                      f'{phantom.ANATOMIES}')
   partial = raw.with_name(raw.name + '.partial')
   shutil.rmtree(partial, ignore_errors=True)
-  phantom.write_phantom_dataset(partial, subjects, seed=seed, shape=shape, progress=True)
+  try:
+    phantom.write_phantom_dataset(partial, subjects, seed=seed, shape=shape, progress=True,
+                                  anatomy=anatomy)
+  except BaseException:  # e.g. no template for icbm152: leave nothing behind
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
   if raw.exists():
     raw.rmdir()  # Empty: checked by the caller.
   partial.rename(raw)
@@ -274,7 +295,13 @@ def train_and_evaluate(config, workdir, step: int | None = None) -> train.TrainS
   Resumes from the latest checkpoint in `workdir`, or from `step`: checkpoints after it are
   then moved to `<workdir>/checkpoints_set_aside/`, never deleted.
   """
-  validate_config(config)
+  return run_job(config, workdir, step, validate_config, _train)
+
+
+def run_job(config, workdir, step, validate, train_fn):
+  """`train_fn(config, workdir, mesh)` after `validate(config)`, in a locked workdir, resuming
+  from `step` when given (later checkpoints moved aside)."""
+  validate(config)
   mesh = parallel.make_mesh()
   try:  # Before the workdir is made: a refused run leaves nothing behind.
     parallel.check_batch_divisible(config.train.global_batch_size, mesh)
@@ -283,10 +310,10 @@ def train_and_evaluate(config, workdir, step: int | None = None) -> train.TrainS
   created = not pathlib.Path(workdir).exists()
   workdir = make_workdir(workdir)
   try:
-    with _run_lock(workdir):
+    with run_lock(workdir):
       if step is not None:
-        _resume_from(workdir, step)
-      return _train(config, workdir, mesh)
+        resume_from(workdir, step)
+      return train_fn(config, workdir, mesh)
   except BaseException:
     if created and jax.process_index() == 0:  # A run refused at once leaves no empty workdir.
       with contextlib.suppress(OSError):
@@ -304,7 +331,7 @@ def make_workdir(workdir) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def _run_lock(workdir: pathlib.Path):
+def run_lock(workdir: pathlib.Path):
   """One run per workdir; process 0 holds the lock for every host."""
   path, refusal = None, ''
   if jax.process_index() == 0:
@@ -323,7 +350,7 @@ def _run_lock(workdir: pathlib.Path):
       workdir_lock.release(path)
 
 
-def _resume_from(workdir: pathlib.Path, step: int) -> None:
+def resume_from(workdir: pathlib.Path, step: int) -> None:
   """Makes `step` the latest checkpoint by moving later ones aside (process 0; all wait)."""
   error = _set_aside_after(workdir, step) if jax.process_index() == 0 else ''
   if jax.process_count() > 1:
@@ -349,39 +376,45 @@ def _set_aside_after(workdir: pathlib.Path, step: int) -> str:
   return ''
 
 
-def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
+def prepare_run(config, workdir: pathlib.Path):
+  """(prepared dir, its manifest, steps to train): the data prepared, its choices taken into
+  the config, and then the run info written (it records what the run saw)."""
   prepared = ensure_prepared(config, workdir)
-  data.adopt_preparation(config.data, data.load_manifest(prepared), prepared, log)
-  write_run_info(config, workdir)  # With the prepared data's choices: it records the truth.
-  num_steps = total_steps(config, data.num_examples(prepared, 'train'))
+  manifest = data.load_manifest(prepared)
+  data.adopt_preparation(config.data, manifest, prepared, log)
+  write_run_info(config, workdir)
+  return prepared, manifest, total_steps(config, data.num_examples(prepared, 'train'))
 
+
+def make_manager(workdir, config):
+  """The run's checkpoint manager, keeping the last `train.keep_checkpoints` (0: all; Orbax
+  itself would delete every one with 0)."""
+  return checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints or None)
+
+
+def train_iterator(config, prepared, **options):
+  """The endless training stream of `config.train` and the loader fields of `config.data`."""
+  return iter(data.make_train_loader(
+      prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
+      **{name: config.data[name] for name in data.LOADER_FIELDS}, **options))
+
+
+def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
+  prepared, _, num_steps = prepare_run(config, workdir)
   trainer = train.make_trainer(config, len(config.data.modalities))
   state = parallel.replicate(
       train.init_state(trainer, jax.random.PRNGKey(config.train.seed), config.data.image_size),
       mesh)
-  iterator = iter(data.make_train_loader(
-      prepared, global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-      **{name: config.data[name] for name in data.LOADER_FIELDS}))
-  # Orbax deletes every checkpoint with max_to_keep=0; here 0 keeps them all.
-  manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints or None)
-  state = _maybe_resume(manager, state, iterator, config, workdir)
+  iterator = train_iterator(config, prepared)
+  manager = make_manager(workdir, config)
+  state = maybe_resume(manager, config, workdir, state, lambda latest:
+                       checkpoints.restore_train_state(manager, latest, state, iterator))
   step_fn = train.sharded_train_step(trainer, mesh)
   sample_writer = samples.SampleWriter(trainer.generator, prepared, workdir / 'samples',
                                        config.data.modalities) if jax.process_index() == 0 else None
-  writer = MetricWriter(workdir)
-  try:
-    with StopRequest() as stop:
-      state, stopped_by = _loop(config, state, step_fn, iterator, mesh, manager, writer,
-                                sample_writer, num_steps, stop)
-  finally:
-    writer.close()
-    # An async save still in flight would be lost; one that failed is reported below
-    # (unless the loop's own error is on its way).
-    saved_step, save_error = checkpoints.finish(manager)
-  if save_error:
-    raise save_error
+  state, stopped_by = run_loop(config, workdir, state, step_fn, iterator, mesh, manager,
+                               num_steps, save=checkpoints.save, sample_writer=sample_writer)
   if stopped_by:
-    _report_stop(stopped_by, int(jax.device_get(state.step)), saved_step, workdir)
     return state
   if config.train.evaluate_at_end:
     from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -400,10 +433,37 @@ def _report_stop(signal_number, step, saved_step, workdir) -> None:
         f'(latest: {saved_step}).')
 
 
-def _maybe_resume(manager, state, iterator, config, workdir):
+def run_loop(config, workdir, state, step_fn, iterator, mesh, manager, num_steps, *, save,
+             sample_writer=None, batch_keys=('images', 'available', 'target_index')):
+  """Trains to `num_steps` with console and TensorBoard logs, saves with `save(manager,
+  state, config, iterator, force=True)`, stops on SIGTERM/SIGINT; closes `manager`.
+  `step_fn(state, batch)` gets the loader's `batch_keys` as global arrays.
+
+  Returns (state, number of the signal that stopped it, or 0).
+  """
+  writer = MetricWriter(workdir)
+  try:
+    with StopRequest() as stop:
+      state, stopped_by = _loop(config, state, step_fn, iterator, mesh, manager, writer,
+                                sample_writer, num_steps, stop, save, batch_keys)
+  finally:
+    writer.close()
+    # An async save still in flight would be lost; one that failed is reported below
+    # (unless the loop's own error is on its way).
+    saved_step, save_error = checkpoints.finish(manager)
+  if save_error:
+    raise save_error
+  if stopped_by:
+    _report_stop(stopped_by, int(jax.device_get(state.step)), saved_step, workdir)
+  return state, stopped_by
+
+
+def maybe_resume(manager, config, workdir, fresh, restore):
+  """`restore(latest step)` when `manager` holds a checkpoint whose meta fits `config`,
+  else `fresh`; a damaged checkpoint is one line naming it and the way back."""
   latest = manager.latest_step()
   if latest is None:
-    return state
+    return fresh
   where = checkpoints.checkpoint_dir(workdir)
   try:
     meta = checkpoints.read_meta(manager, latest)
@@ -418,7 +478,7 @@ def _maybe_resume(manager, state, iterator, config, workdir):
   checkpoints.check_compatible(meta, config, where, checkpoints.RESUME_FIELDS)
   log(f'resuming from step {latest} in {where}')
   try:
-    return checkpoints.restore_train_state(manager, latest, state, iterator)
+    return restore(latest)
   except Exception as e:  # pylint: disable=broad-except
     raise _damaged(manager, where, latest, e) from None
 
@@ -435,7 +495,7 @@ def _damaged(manager, where, step, error) -> checkpoints.CheckpointError:
 
 
 def _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer,
-          num_steps, stop):
+          num_steps, stop, save, batch_keys):
   """Trains to `num_steps`; returns (state, number of the signal that stopped it, or 0)."""
   step = int(jax.device_get(state.step))
   if step >= num_steps:
@@ -445,7 +505,7 @@ def _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer
       f'on {mesh.size} device(s)')
   window = [time.perf_counter(), 0]  # start time, steps since
   while step < num_steps:
-    batch = parallel.global_batch(next(iterator), mesh)
+    batch = parallel.global_batch(next(iterator), mesh, batch_keys)
     state, metrics = step_fn(state, batch)
     step += 1
     window[1] += 1
@@ -461,7 +521,7 @@ def _loop(config, state, step_fn, iterator, mesh, manager, writer, sample_writer
     if stopping and not logged:
       _log_metrics(config, step, num_steps, metrics, writer, window)
     if due or stopping:
-      checkpoints.save(manager, state, config, iterator, force=True)
+      save(manager, state, config, iterator, force=True)
     if stopping:
       return state, stopping
   return state, 0

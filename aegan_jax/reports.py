@@ -42,7 +42,7 @@ def write_outputs(report, rows, paper_rows, grids, out_dir: pathlib.Path, cells=
   out_dir.mkdir(parents=True, exist_ok=True)
   modalities = report['modalities']
   with open(out_dir / 'metrics.json', 'w') as f:
-    json.dump(_json_safe({**report, 'subjects': rows}), f, indent=1, allow_nan=False)
+    json.dump(json_safe({**report, 'subjects': rows}), f, indent=1, allow_nan=False)
   write_csv(rows, out_dir / 'metrics.csv')
   (out_dir / 'metrics.md').write_text(markdown(report))
   for t, target in enumerate(modalities):
@@ -52,12 +52,12 @@ def write_outputs(report, rows, paper_rows, grids, out_dir: pathlib.Path, cells=
       write_input_sets_grid(t, picks[1], cells, modalities, out_dir / f'inputs_{target}.png')
 
 
-def _json_safe(tree):
+def json_safe(tree):
   """NaN (no tumour, empty mask) -> null: strict JSON."""
   if isinstance(tree, dict):
-    return {k: _json_safe(v) for k, v in tree.items()}
+    return {k: json_safe(v) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):
-    return [_json_safe(v) for v in tree]
+    return [json_safe(v) for v in tree]
   if isinstance(tree, float) and not math.isfinite(tree):
     return None
   return tree
@@ -109,6 +109,8 @@ def markdown(report) -> str:
   if 'scenarios' in report:
     for metric in ('psnr', 'ssim'):
       lines += _scenario_table(report, metric)
+  if 'downstream' in report:
+    lines += downstream_tables(report['downstream'], report['modalities'])
   return '\n'.join(lines)
 
 
@@ -157,6 +159,67 @@ def _protocol_table(report, protocol, title, names) -> list[str]:
     lines.append(f'| {target} | *margin* | ' + ' | '.join(margins) + ' |')
   lines.append('')
   return lines
+
+
+# --------------------------------------------------------------------------
+# Tumour segmentation (`downstream`, `segmenter_job`)
+
+INPUT_LABELS = {'real': 'real', 'synthesized': 'AE-GAN', 'copy': 'copy', 'zeros': 'zeros'}
+
+
+def _dice(stats) -> str:
+  return f'{stats["mean"]:.3f} ± {stats["std"]:.3f}' if stats['n'] else '–'
+
+
+def _percent(value) -> str:
+  return f'{value:.0%}' if np.isfinite(value) else '–'
+
+
+def downstream_tables(section, modalities) -> list[str]:
+  """Dice per target and target channel, the average, and (any-set) every cell."""
+  regions = list(section['regions'])
+  lines = [f'## Downstream: tumour-segmentation Dice (segmenter step {section["segmenter"]["step"]}, '
+           f'`{section["segmenter"]["workdir"]}`)', '',
+           'The segmenter, trained on every sequence real, with the target channel real '
+           '(upper bound), synthesized by AE-GAN, the copy baseline\'s input, or an all-zero '
+           'scan (lower bound); every other channel real. Dice over each subject\'s volume '
+           f'(1 when both are empty), mean ± std over {section["num_subjects"]} subjects; '
+           '*recovered* = (AE-GAN − zeros) / (real − zeros) of the means.', '',
+           '| target | target channel | ' + ' | '.join(r.upper() for r in regions) + ' | mean |',
+           '|---|---|' + '---:|' * (len(regions) + 1)]
+  for target in modalities:
+    cell = section['targets'][target]
+    for name, label in INPUT_LABELS.items():
+      label += f' {cell["copy_source"]}' if name == 'copy' else ''
+      lines.append(f'| {target} | {label} | ' + ' | '.join(_dice(cell[name][r]) for r in regions)
+                   + f' | {cell["mean"][name]:.3f} |')
+    lines.append(f'| {target} | *recovered* | ' + ' | '.join(
+        _percent(cell['recovered'][r]) for r in regions + ['mean']) + ' |')
+  average = section['average']
+  lines += ['', 'Mean over targets and regions: ' + ', '.join(
+      f'{label} {average[name]:.3f}' for name, label in INPUT_LABELS.items()) +
+      f'; AE-GAN recovers {_percent(average["recovered"])} of the real-to-zeros gap.', '']
+  if 'cells' in section:
+    lines += ['### Every set of inputs: mean Dice (WT, TC, ET), AE-GAN (copy)', '',
+              '| inputs | ' + ' | '.join(modalities) + ' |', '|---|' + '---:|' * len(modalities)]
+    by_set = {}
+    for cell in section['cells']:
+      by_set.setdefault(' + '.join(cell['available']), {})[cell['target']] = (
+          f'{cell["mean"]["synthesized"]:.3f} ({cell["mean"]["copy"]:.3f})')
+    lines += [f'| {key} | ' + ' | '.join(row.get(t, '') for t in modalities) + ' |'
+              for key, row in by_set.items()] + ['']
+  return lines
+
+
+def segmentation_markdown(result) -> str:
+  """`segmenter_job.evaluate`'s result: Dice per region with every modality real."""
+  regions = list(result['regions'])
+  return '\n'.join([
+      f'# Segmenter: step {result["step"]}, split {result["split"]}', '',
+      f'{result["num_subjects"]} subjects, every modality real; Dice over each subject\'s '
+      'volume of the prepared slices (1 when both are empty), mean ± std.', '',
+      '| ' + ' | '.join(r.upper() for r in regions) + ' |', '|' + '---:|' * len(regions),
+      '| ' + ' | '.join(_dice(result['dice'][r]) for r in regions) + ' |', ''])
 
 
 # --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import ml_collections
 def get_config(arg=None):
   del arg
   config = ml_collections.ConfigDict()
+  config.task = 'synthesis'                # synthesis (AE-GAN) | segmenter (configs/segmenter_demo.py)
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'brats'            # brats | isles2015 | generic (data_prep layouts)
@@ -18,6 +19,7 @@ def get_config(arg=None):
   config.data.phantom_subjects = 0         # > 0: generate phantom subjects in raw_dir if empty
   config.data.phantom_shape = (240, 240, 155)
   config.data.phantom_seed = 0
+  config.data.phantom_anatomy = 'ellipsoids'  # ellipsoids | icbm152 (real cortex; needs nilearn)
   config.data.prepared_dir = ''            # default: <workdir>/prepared
   config.data.modalities = ('t1', 't1ce', 't2', 'flair')  # generic: any names, any count
   config.data.image_size = 256             # official crop_size
@@ -78,4 +80,8 @@ def get_config(arg=None):
   # False: eval mode (BatchNorm running statistics, no dropout; deterministic).  True: each
   # test slice in train mode alone, dropout on, as the official test.py runs it.
   config.eval.official_test_mode = False
+  # A segmenter run's workdir (configs/segmenter_demo.py): metrics.json and metrics.md then
+  # gain `downstream`, the tumour-segmentation Dice with the target real, synthesized,
+  # copied or zeroed (docs/evaluation.md).  '': none.
+  config.eval.segmenter_workdir = ''
   return config

@@ -8,7 +8,8 @@ Supported layouts (``Case.layout``):
   brats2020              ``BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz``
   brats2021              ``BraTS2021_00000/BraTS2021_00000_t1.nii.gz``
   brats2023              ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz``
-                         (also MET, MEN, PED, SSA, ... prefixes)
+                         (also MET, MEN, PED, SSA, ... prefixes; and BraSyn's
+                         ``<case>/<case>-t1n.nii.gz`` with any case name)
   brats                  any other ``<dir>/<dir>_t1.nii.gz`` folder
   modality_first         official AE-GAN code: ``flair/ t1/ t1ce/ t2/``
                          folders, one file per subject in each
@@ -52,6 +53,8 @@ _BRATS_FOLDERS = (
     ('brats2021', re.compile(r'^BraTS2021_'), '_', BRATS_TOKENS),
     ('brats2023', re.compile(r'^BraTS-[A-Za-z]+-\d+-\d+$'), '-',
      BRATS2023_TOKENS),
+    # BraSyn's convention with any case name: <case>/<case>-t1n.nii.gz, ...
+    ('brats2023', re.compile(r'.'), '-', BRATS2023_TOKENS),
     ('brats', re.compile(r'.'), '_', BRATS_TOKENS),
 )
 _LAYOUT_NAMING = {name: (sep, tokens) for name, _, sep, tokens in _BRATS_FOLDERS}

@@ -12,7 +12,10 @@ Background is exactly zero.  Everything is a function of (seed, subject index,
 shape), so files are reproducible byte for byte.
 
   python -m data_prep.phantom --out DIR --subjects N --seed S \
-      [--shape 240,240,155] [--layout brats2020|brats2023]
+      [--shape 240,240,155] [--layout brats2020|brats2023] [--anatomy ellipsoids|icbm152]
+
+`--anatomy icbm152` puts the same tumour model and sequences on real brain anatomy
+instead of ellipsoids (`data_prep.icbm152`, the ICBM 2009 template shipped by nilearn).
 """
 from __future__ import annotations
 
@@ -28,9 +31,11 @@ import numpy as np
 from scipy import ndimage
 
 from data_prep import layouts
+from data_prep.errors import DataError
 
 MODALITIES = layouts.BRATS_MODALITIES  # A BraTS phantom: one CONTRAST row each.
 LAYOUTS = ('brats2020', 'brats2023')  # File names: layouts.brats_file_name.
+ANATOMIES = ('ellipsoids', 'icbm152')  # icbm152: real cortex (data_prep.icbm152)
 ENHANCING_LABEL = {'brats2020': 4, 'brats2023': 3}
 
 # Tissue classes (index into the fraction stack) and their labels.
@@ -182,6 +187,24 @@ def make_subject(rng, shape=(240, 240, 155)):
     _paint_tumour(rng, grid, half, radius, tissue, tumour)
   tumour[~brain] = 0  # BraTS convention: labels only inside the brain
 
+  volumes = {m: _uncrop(v, shape, box, 0.0) for m, v in acquire(
+      rng, lambda contrast: contrast.astype(np.float32)[tissue], brain).items()}
+  tissue[~brain] = 255
+  return {'volumes': volumes, 'tissue': _uncrop(tissue, shape, box, 255),
+          'brain': _uncrop(brain, shape, box, False),
+          'tumour': _uncrop(tumour, shape, box, 0)}
+
+
+def acquire(rng, signal_of, brain) -> dict:
+  """Every sequence of one subject from its anatomy, inside `brain`'s box (0 outside).
+
+  `signal_of(contrast)` gives the noise-free signal [X, Y, Z] of a per-tissue contrast
+  row (a CONTRAST row jittered by +-4% per tissue).  Then partial-volume blur, smooth
+  texture (shared anatomy and each sequence's own), a multiplicative bias field (mostly
+  the receive coil's, shared by all sequences of a session), a global gain and Rician
+  noise.  The draws from `rng` come in a fixed order: subjects replay byte for byte.
+  """
+  box_shape = brain.shape
   texture_controls = _scaled(box_shape, (20, 20, 14))
   shared_texture = coarse_noise(rng, texture_controls)
   # The receive coil's sensitivity is common to all sequences of a session.
@@ -189,7 +212,7 @@ def make_subject(rng, shape=(240, 240, 155)):
   volumes = {}
   for modality in MODALITIES:
     contrast = CONTRAST[modality] * rng.uniform(0.96, 1.04, len(TISSUES))
-    signal = contrast.astype(np.float32)[tissue]
+    signal = signal_of(contrast)
     signal = ndimage.gaussian_filter(signal, 0.6, truncate=2.5)
     # Texture (shared anatomy + own) and bias field, summed while coarse.
     bias = upsample(coarse_noise(rng, (3, 3, 3)), texture_controls)
@@ -209,11 +232,8 @@ def make_subject(rng, shape=(240, 240, 155)):
     np.sqrt(magnitude, out=magnitude)
     np.maximum(magnitude, 1.0, out=magnitude)
     magnitude *= brain
-    volumes[modality] = _uncrop(magnitude, shape, box, 0.0)
-  tissue[~brain] = 255
-  return {'volumes': volumes, 'tissue': _uncrop(tissue, shape, box, 255),
-          'brain': _uncrop(brain, shape, box, False),
-          'tumour': _uncrop(tumour, shape, box, 0)}
+    volumes[modality] = magnitude
+  return volumes
 
 
 def _uncrop(array, shape, box, fill):
@@ -258,30 +278,43 @@ def subject_id(layout: str, index: int) -> str:
   return f'BraTS-GLI-{index:05d}-000'
 
 
-def _save(array, path, dtype):
-  image = nib.Nifti1Image(array.astype(dtype), BRATS_AFFINE)
+def _save(array, path, dtype, affine=BRATS_AFFINE):
+  image = nib.Nifti1Image(array.astype(dtype), affine)
   image.header.set_xyzt_units('mm', 'sec')
   nib.save(image, path)
 
 
+def _anatomy(anatomy: str):
+  """(make_subject, affine of a shape) of an anatomy."""
+  if anatomy == 'ellipsoids':
+    return make_subject, lambda shape: BRATS_AFFINE
+  if anatomy == 'icbm152':
+    # Imported here: icbm152 builds on this module (tumour model, sequences).
+    from data_prep import icbm152  # pylint: disable=g-import-not-at-top
+    return icbm152.make_subject, icbm152.affine
+  raise ValueError(f'anatomy must be one of {ANATOMIES}, got {anatomy!r}')
+
+
 def write_subject(out_dir, index: int, seed: int, shape=(240, 240, 155),
-                  layout: str = 'brats2020') -> pathlib.Path:
+                  layout: str = 'brats2020', anatomy: str = 'ellipsoids') -> pathlib.Path:
   """Writes subject ``index`` of the dataset drawn with ``seed``."""
   if layout not in LAYOUTS:
     raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+  draw, affine_of = _anatomy(anatomy)
   # Independent stream per subject: subsets and re-runs give the same subject.
   rng = np.random.default_rng([seed, index])
-  subject = make_subject(rng, shape)
+  subject = draw(rng, shape)
   name = subject_id(layout, index)
   folder = pathlib.Path(out_dir) / name
   folder.mkdir(parents=True, exist_ok=True)
   seg = np.select([subject['tumour'] == 1, subject['tumour'] == 2,
                    subject['tumour'] == 3],
                   [1, 2, ENHANCING_LABEL[layout]], 0)
+  affine = affine_of(tuple(shape))
   jobs = [(np.round(subject['volumes'][m]),
-           folder / layouts.brats_file_name(layout, name, m), np.int16)
+           folder / layouts.brats_file_name(layout, name, m), np.int16, affine)
           for m in MODALITIES]
-  jobs.append((seg, folder / layouts.brats_file_name(layout, name, 'seg'), np.uint8))
+  jobs.append((seg, folder / layouts.brats_file_name(layout, name, 'seg'), np.uint8, affine))
   # gzip releases the GIL: compress the five files side by side.
   with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
     list(pool.map(lambda job: _save(*job), jobs))
@@ -291,13 +324,14 @@ def write_subject(out_dir, index: int, seed: int, shape=(240, 240, 155),
 def write_phantom_dataset(out_dir, subjects: int, seed: int = 0,
                           shape=(240, 240, 155),
                           layout: str = 'brats2020',
-                          progress: bool = False) -> list[pathlib.Path]:
+                          progress: bool = False,
+                          anatomy: str = 'ellipsoids') -> list[pathlib.Path]:
   """Writes ``subjects`` phantom subjects; returns their folders."""
   indices = range(subjects)
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     indices = tqdm(indices, desc='phantom', unit='subject', file=sys.stderr)
-  return [write_subject(out_dir, i, seed, shape, layout) for i in indices]
+  return [write_subject(out_dir, i, seed, shape, layout, anatomy) for i in indices]
 
 
 def main(argv=None):
@@ -307,8 +341,11 @@ def main(argv=None):
   parser.add_argument('--subjects', type=int, default=10)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--shape', default='240,240,155',
-                      help='X,Y,Z voxels (1 mm)')
+                      help='X,Y,Z voxels (1 mm; icbm152: the 240x240x155 mm field of view)')
   parser.add_argument('--layout', choices=LAYOUTS, default='brats2020')
+  parser.add_argument('--anatomy', choices=ANATOMIES, default='ellipsoids',
+                      help='ellipsoids (built-in) or icbm152 (the ICBM 2009 template '
+                           'shipped with nilearn: real gyri and sulci)')
   args = parser.parse_args(argv)
   try:
     shape = tuple(int(s) for s in args.shape.split(','))
@@ -317,10 +354,14 @@ def main(argv=None):
   except ValueError:
     parser.error(f'--shape {args.shape!r}: expected three integers >= 8')
   start = time.perf_counter()
-  for i in range(args.subjects):
-    write_subject(args.out, i, args.seed, shape, args.layout)
+  try:
+    for i in range(args.subjects):
+      write_subject(args.out, i, args.seed, shape, args.layout, args.anatomy)
+  except DataError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   seconds = time.perf_counter() - start
-  print(f'wrote {args.subjects} subjects ({args.layout}, {shape}) to '
+  print(f'wrote {args.subjects} subjects ({args.anatomy}, {args.layout}, {shape}) to '
         f'{args.out} in {seconds:.1f} s', file=sys.stderr)
 
 

@@ -35,12 +35,12 @@ def prepared(tmp_path_factory):
   return prepared_phantom(tmp_path_factory.mktemp('data'))
 
 
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: longer end-to-end runs; `-m "not slow"` is the '
+                          'fast tier for working in a loop (CI runs everything)')
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if '_CACHE' in globals():
     shutil.rmtree(_CACHE, ignore_errors=True)
-
-
-def pytest_configure(config):
-  config.addinivalue_line('markers', 'slow: longer end-to-end runs; `-m "not slow"` is the '
-                          'fast tier for working in a loop')

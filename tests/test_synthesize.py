@@ -392,3 +392,25 @@ def test_unwritable_output_is_refused_before_the_checkpoint_is_restored(
   err = capsys.readouterr().err
   assert err.startswith(f'error: --output {out}: cannot write there') and err.count('\n') == 1
   assert not restored
+
+
+def test_brasyn_folders_get_exactly_their_missing_file_flat(workdir, tmp_path):
+  # BraSyn 2023+: one folder per case with the three acquired sequences named
+  # <case>-t1n/-t1c/-t2w/-t2f (any case name); the output folder gets the missing files only.
+  phantom.write_phantom_dataset(tmp_path / 'gen', 3, seed=2, shape=SHAPE, layout='brats2023')
+  cases = tmp_path / 'in'
+  missing = {'BraTS-GLI-00000-000': 't2f', 'BraTS-GLI-00001-000': 't1n', 'site3-case042': 't1c'}
+  for folder, (case, token) in zip(sorted((tmp_path / 'gen').iterdir()), missing.items()):
+    (cases / case).mkdir(parents=True)
+    for path in folder.iterdir():
+      if not path.name.endswith((f'-{token}.nii.gz', '-seg.nii.gz')):
+        shutil.copy(path, cases / case / path.name.replace(folder.name, case))
+  assert run('--workdir', workdir, '--input', cases, '--output', tmp_path / 'out',
+             '--naming', 'brasyn') == 0
+  assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == sorted(
+      f'{case}-{token}.nii.gz' for case, token in missing.items())
+  for case in missing:
+    reference = nib.load(next((cases / case).iterdir()))
+    written = nib.load(tmp_path / 'out' / f'{case}-{missing[case]}.nii.gz')
+    assert written.shape == reference.shape == SHAPE
+    np.testing.assert_array_equal(written.affine, reference.affine)
