@@ -28,6 +28,8 @@ import numpy as np
 
 from aegan_jax import data
 from aegan_jax import evaluate
+from aegan_jax import protocols
+from aegan_jax import reports
 from aegan_jax import segmenter
 from data_prep import preprocess
 
@@ -97,7 +99,7 @@ def real_input_rows(model, prepared_dir, split, manifest) -> list[dict]:
   rows = []
   for subject in evaluate.iterate_subjects(prepared_dir, split):
     entry = manifest['subjects'][subject.subject_id]
-    seg = evaluate.subject_volumes(subject, entry, manifest).seg
+    seg = protocols.subject_volumes(subject, entry, manifest).seg
     if seg is not None:
       rows.append({'subject': subject.subject_id, **region_dice(
           model(subject.images), seg, entry, manifest['options']['geometry'])})
@@ -107,7 +109,7 @@ def real_input_rows(model, prepared_dir, split, manifest) -> list[dict]:
 def subject_rows(model, synthesizer, subject, entry, manifest, scores, cells) -> list[dict]:
   """Rows {subject, available, target, input, source, wt, tc, et}: per scenario cell the
   synthesized and copied target, per target real and zeros (shared by its cells)."""
-  seg = evaluate.subject_volumes(subject, entry, manifest).seg
+  seg = protocols.subject_volumes(subject, entry, manifest).seg
   if seg is None:
     return []
   modalities, images = manifest['modalities'], subject.images
@@ -122,7 +124,7 @@ def subject_rows(model, synthesizer, subject, entry, manifest, scores, cells) ->
       copies[source, t] = score(with_channel(images, t, images[..., source]))
     synthesized = score(with_channel(images, t, synthesizer(images, t, available=mask)))
     base = {'subject': subject.subject_id,
-            'available': evaluate.available_label(modalities, available),
+            'available': reports.available_label(modalities, available),
             'target': modalities[t]}
     for name, values, copied in (('real', real, ''), ('synthesized', synthesized, ''),
                                  ('copy', copies[source, t], modalities[source]),
@@ -171,7 +173,7 @@ def summarise(rows, modalities, cells) -> dict:
   for row in rows:
     by_cell.setdefault((row['available'], row['target']), []).append(row)
   summaries = [{'available': [modalities[i] for i in available], 'target': modalities[t],
-                **summarise_cell(by_cell.get((evaluate.available_label(modalities, available),
+                **summarise_cell(by_cell.get((reports.available_label(modalities, available),
                                               modalities[t]), []))}
                for available, t in cells]
   targets = {s['target']: s for s in summaries if len(s['available']) == len(modalities) - 1}

@@ -1,66 +1,32 @@
-"""Evaluates a checkpoint's generator on a prepared split, in three protocols.
+"""Evaluates a checkpoint's generator on a prepared split, in the three protocols of
+`protocols` (aegan: 2D slices as prepared; volume: 3D at the original intensities;
+brasyn: 3D, each volume clipped at its own brain percentiles).
 
-  aegan   the official data path: each 2D slice as prepared, mapped from
-          [-1, 1] to [0, 1] (clipped), data range 1; PSNR, SSIM, FSIM, MAE
-          per slice, averaged per subject.
-  volume  3D per subject at the original intensities: synthesised slices put
-          back on the original grid (`slices_to_volume`) and denormalised with
-          the real target's parameters; only the prepared (selected) slices
-          exist, so both volumes are restricted to them.  Inside the brain
-          mask (non-zero in any original modality), data range = the real
-          volume's max - min there; PSNR, SSIM (3D with >= 11 slices, else
-          the mean 2D SSIM of the slices), MAE.
-  brasyn  the volumes above, each clipped at its own 0.5 / 99.5 brain
-          percentiles and scaled to [0, 1]; PSNR and SSIM in the brain, and
-          SSIM in the tumour (seg > 0) and the rest of the brain when a
-          segmentation exists.
-
-Every single-missing scenario (each modality as the target) is run, and the
-same metrics for a trivial baseline: the input modality that, copied as it is
-prepared, gives the highest mean aegan-PSNR for that target on this split.
-The generator runs through `inference.Synthesizer`; source NIfTI files are
-read with `data_prep.nifti`.
+Every single-missing scenario (each modality as the target), or with an any-set
+generator every (inputs, target) cell, is run, and the same metrics for a trivial
+baseline: the input modality that, copied as it is prepared, gives the highest mean
+aegan-PSNR for that target on this split.  The generator runs through
+`inference.Synthesizer`.
 
 Writes `<workdir>/eval/<step>/` (with `reports`): metrics.json (summary and per-subject
 values), metrics.csv (one row per method, protocol, target and subject),
-metrics.md (mean +- std over subjects) and grid_<target>.png (best, median
-and worst subject).  See docs/evaluation.md.
-"""
+metrics.md (mean +- std over subjects) and the grids.  See docs/evaluation.md."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from aegan_jax import data
 from aegan_jax import inference
-from aegan_jax import metrics
 from aegan_jax import models
+from aegan_jax import protocols
 from aegan_jax import reports
-from data_prep import nifti
 from data_prep import prepare
-from data_prep import preprocess
-
-PROTOCOLS = ('aegan', 'volume', 'brasyn')
-METRICS = {'aegan': ('psnr', 'ssim', 'fsim', 'mae'),
-           'volume': ('psnr', 'ssim', 'mae'),
-           'brasyn': ('psnr', 'ssim', 'ssim_tumour', 'ssim_non_tumour')}
-METHODS = ('model', 'baseline')
-PSNR_CAP = 100.0  # dB; identical images (e.g. empty slices copied) would give inf.
-BRASYN_PERCENTILES = (0.5, 99.5)
-MIN_SSIM3D_SLICES = 11  # The 3D window is 11 voxels deep.
-PROTOCOL_TITLES = {
-    'aegan': 'aegan: 2D slices as prepared, [-1, 1] -> [0, 1], data range 1',
-    'volume': 'volume: 3D at original intensities, brain mask, data range = real max - min',
-    'brasyn': 'brasyn: 3D, each volume clipped at its 0.5 / 99.5 brain percentiles -> [0, 1]',
-}
-
 
 class EvaluationError(ValueError):
   """Nothing to evaluate (one-line message)."""
@@ -94,21 +60,16 @@ def resolve_split(prepared_dir, split, log=print) -> str:
   raise EvaluationError(f'{prepared_dir}: no split holds any slice')
 
 
-def to_unit(x):
-  """Prepared [-1, 1] values -> [0, 1] (the official evaluation scale)."""
-  return np.clip((np.asarray(x, np.float32) + 1) / 2, 0, 1)
-
-
 # --------------------------------------------------------------------------
 # Baseline: the best input modality copied as the synthesis.
 
 
 def copy_psnr(images) -> np.ndarray:
   """[M, M] mean over slices of the aegan-PSNR of modality j copied as modality t ([t, j])."""
-  x = to_unit(images)
+  x = protocols.to_unit(images)
   mse = np.mean(np.square(x[..., :, None] - x[..., None, :]), axis=(1, 2))  # [S, M, M]
   with np.errstate(divide='ignore'):
-    return np.minimum(10 * np.log10(1 / mse), PSNR_CAP).mean(axis=0)
+    return np.minimum(10 * np.log10(1 / mse), protocols.PSNR_CAP).mean(axis=0)
 
 
 def copy_scores(prepared_dir, split, num_modalities) -> np.ndarray:
@@ -138,158 +99,9 @@ def scenario_cells(num_modalities: int, any_set: bool) -> list[tuple[tuple[int, 
   return sorted(cells, key=lambda cell: (-len(cell[0]), cell)) if any_set else cells
 
 
-def available_label(modalities, available) -> str:
-  """An any-set cell's inputs as one row field, e.g. 't1+flair'."""
-  return '+'.join(modalities[i] for i in available)
-
-
 def is_paper_scenario(row, num_modalities) -> bool:
   """A row of the official generator, or of an any-set cell with every other modality in."""
   return 'available' not in row or len(row['available'].split('+')) == num_modalities - 1
-
-
-# --------------------------------------------------------------------------
-# Metrics.
-
-
-@jax.jit
-def _slice_metrics(x, y):
-  return {'psnr': jnp.minimum(metrics.psnr(x, y, data_range=1.0), PSNR_CAP),
-          'ssim': metrics.ssim(x, y, data_range=1.0),
-          'fsim': metrics.fsim(x, y, data_range=1.0),
-          'mae': metrics.mae(x, y, data_range=1.0)}
-
-
-def slice_metrics(synthesised, real, batch_size) -> dict[str, np.ndarray]:
-  """aegan protocol per slice: [S, H, W] in [-1, 1] -> {metric: [S]}; fixed-size jit batches."""
-  x, y = to_unit(synthesised), to_unit(real)
-  out = {m: [] for m in METRICS['aegan']}
-  for start in range(0, len(x), batch_size):
-    xs, ys = x[start:start + batch_size], y[start:start + batch_size]
-    pad = batch_size - len(xs)
-    if pad:
-      zeros = np.zeros((pad,) + xs.shape[1:], np.float32)
-      xs, ys = np.concatenate([xs, zeros]), np.concatenate([ys, zeros + 0.5])
-    for name, values in _slice_metrics(xs, ys).items():
-      out[name].append(np.asarray(values)[:len(values) - pad])
-  return {name: np.concatenate(values) for name, values in out.items()}
-
-
-@jax.jit
-def _ssim3d(x, y, data_range, mask):
-  return metrics.ssim3d(x, y, data_range=data_range, mask=mask)
-
-
-def _ssim_volume(x, y, mask, data_range) -> float:
-  """SSIM of [X, Y, Z] volumes: 3D with >= 11 slices, else the mean masked 2D SSIM."""
-  if not mask.any():
-    return math.nan
-  x, y, mask = (np.moveaxis(v, -1, 0) for v in (x, y, mask))  # [Z, X, Y]
-  if x.shape[0] >= MIN_SSIM3D_SLICES:
-    return float(_ssim3d(x, y, data_range, mask))
-  keep = mask.any(axis=(1, 2))
-  values = metrics.ssim(x[keep], y[keep], data_range=data_range, mask=mask[keep])
-  return float(np.nanmean(np.asarray(values)))
-
-
-def _flat_metric(fn, x, y, mask, data_range) -> float:
-  # psnr / mae average over the last two axes: one [1, N] row averages over every voxel.
-  return float(fn(x[mask][None, None], y[mask][None, None], data_range=data_range)[0])
-
-
-def volume_metrics(synthesised, real, brain) -> dict[str, float]:
-  values = real[brain]
-  data_range = float(values.max() - values.min()) if values.size else 0.0
-  if data_range <= 0:
-    return {m: math.nan for m in METRICS['volume']}
-  return {'psnr': min(_flat_metric(metrics.psnr, synthesised, real, brain, data_range), PSNR_CAP),
-          'ssim': _ssim_volume(synthesised, real, brain, data_range),
-          'mae': _flat_metric(metrics.mae, synthesised, real, brain, data_range)}
-
-
-def brasyn_scale(volume, brain) -> np.ndarray:
-  """Clip at the volume's own brain percentiles, scale to [0, 1]; 0 outside the brain."""
-  if not brain.any():
-    return np.zeros_like(volume)
-  low, high = np.percentile(volume[brain], BRASYN_PERCENTILES)
-  scaled = (np.clip(volume, low, high) - low) / (high - low if high > low else 1.0)
-  return np.where(brain, scaled, 0).astype(np.float32)
-
-
-def brasyn_metrics(synthesised, real, brain, seg) -> dict[str, float]:
-  x, y = brasyn_scale(synthesised, brain), brasyn_scale(real, brain)
-  out = {'psnr': min(_flat_metric(metrics.psnr, x, y, brain, 1.0), PSNR_CAP),
-         'ssim': _ssim_volume(x, y, brain, 1.0),
-         'ssim_tumour': math.nan, 'ssim_non_tumour': math.nan}
-  if seg is not None:
-    tumour = brain & (seg > 0)
-    out['ssim_tumour'] = _ssim_volume(x, y, tumour, 1.0)
-    out['ssim_non_tumour'] = _ssim_volume(x, y, brain & ~tumour, 1.0)
-  return out
-
-
-# --------------------------------------------------------------------------
-# Original-geometry volumes of a subject.
-
-
-@dataclasses.dataclass
-class SubjectVolumes:
-  real: np.ndarray         # [M, X, Y, S] original intensities, selected slices only
-  brain: np.ndarray        # [X, Y, S] bool
-  seg: np.ndarray | None   # [X, Y, S]
-  source: str              # 'source files' | 'prepared slices'
-  why_not_source: str = ''  # with 'prepared slices': why the source files were not used
-
-
-def _read_source(entry, modalities):
-  """(real, seg) at the selected slices, or (None, why) when the source files are missing,
-  cannot be read, or are not the ones prepared (their size or time differs from the
-  manifest's fingerprint: a regenerated raw tree would move every volume metric)."""
-  paths = [entry.get('files', {}).get(m) for m in modalities]
-  if not all(paths):
-    return None, 'the manifest names no source file for every modality'
-  problem = prepare.source_file_problem(entry)
-  if problem:
-    return None, problem
-  shape, keep = entry['shape'], entry['slices']
-  try:
-    real = np.stack([nifti.read_voxels(p, shape)[:, :, keep] for p in paths])
-    seg = None
-    if entry.get('seg') and pathlib.Path(entry['seg']).is_file():
-      seg = nifti.read_labels(entry['seg'], shape)[:, :, keep]
-  except Exception as e:  # pylint: disable=broad-except  # Fall back to the prepared slices.
-    return None, nifti.one_line(e)
-  return (real, seg), ''
-
-
-def _invert(slices, entry, options, fill, labels=False):
-  """[S, H, W] prepared slices -> [X, Y, S] on the original grid."""
-  x, y, _ = entry['shape']
-  return preprocess.slices_to_volume(slices, (x, y, len(slices)), range(len(slices)),
-                                     options['geometry'], fill=fill, labels=labels)
-
-
-def subject_volumes(subject: Subject, entry, manifest) -> SubjectVolumes:
-  """Real volumes from the source NIfTI files named in the manifest, else inverted slices."""
-  modalities, options = manifest['modalities'], manifest['options']
-  fill = manifest['background_value']
-  source, why_not = _read_source(entry, modalities)
-  if source is not None:
-    real, seg = source
-    brain = (real != 0).any(axis=0)
-    return SubjectVolumes(real, brain, seg, 'source files')
-  normed = [_invert(subject.images[..., i], entry, options, fill) for i in range(len(modalities))]
-  brain = np.any([np.abs(v - fill) > 1e-3 for v in normed], axis=0)
-  real = np.stack([preprocess.denormalise(v, entry['normalisation'][m], brain_mask=brain)
-                   for v, m in zip(normed, modalities)])
-  seg = None if subject.seg is None else _invert(subject.seg, entry, options, 0, labels=True)
-  return SubjectVolumes(real, brain, seg, 'prepared slices', why_not)
-
-
-def synthesised_volume(slices, entry, manifest, target, brain) -> np.ndarray:
-  """[S, H, W] synthesised prepared slices -> [X, Y, S] at the target's original intensities."""
-  volume = _invert(slices, entry, manifest['options'], manifest['background_value'])
-  return preprocess.denormalise(volume, entry['normalisation'][target], brain_mask=brain)
 
 
 # --------------------------------------------------------------------------
@@ -300,7 +112,7 @@ def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
   """Rows (method, protocol, target, subject, metrics) of every (available, target) cell
   and grid material of one subject."""
   modalities = manifest['modalities']
-  volumes = subject_volumes(subject, entry, manifest)
+  volumes = protocols.subject_volumes(subject, entry, manifest)
   any_set = synthesizer.generator.any_set
   synthesised = synthesise_cells(synthesizer, subject.images, cells)
   sources = [best_input(scores, t, available) for available, t in cells]
@@ -312,9 +124,9 @@ def evaluate_subject(synthesizer, subject, entry, manifest, scores, cells):
                                   [t for _, t in copied])))
   rows = []
   for (available, t), source, model in zip(cells, sources, models_by_cell):
-    cell = {'available': available_label(modalities, available)} if any_set else {}
+    cell = {'available': reports.available_label(modalities, available)} if any_set else {}
     for method, results in (('model', model), ('baseline', copies[source, t])):
-      for protocol in PROTOCOLS:
+      for protocol in protocols.PROTOCOLS:
         rows.append({'method': method, 'protocol': protocol, 'target': modalities[t],
                      'subject': subject.subject_id, 'num_slices': len(subject.slices),
                      'source': modalities[source] if method == 'baseline' else '',
@@ -351,68 +163,17 @@ def _protocol_results(slices, targets, subject, entry, manifest, volumes, batch_
   """[{protocol: {metric: value}}] of each [S, H, W] synthesised (or copied) slices against
   its target; the 2D metrics of all of them in one pass."""
   s = len(subject.slices)
-  aegan = slice_metrics(np.concatenate(slices),
+  aegan = protocols.slice_metrics(np.concatenate(slices),
                         np.concatenate([subject.images[..., t] for t in targets]), batch_size)
   results = []
   for i, (cell_slices, t) in enumerate(zip(slices, targets)):
-    volume = synthesised_volume(cell_slices, entry, manifest, manifest['modalities'][t],
+    volume = protocols.synthesised_volume(cell_slices, entry, manifest, manifest['modalities'][t],
                                 volumes.brain)
     results.append({
         'aegan': {m: float(np.mean(v[i * s:(i + 1) * s])) for m, v in aegan.items()},
-        'volume': volume_metrics(volume, volumes.real[t], volumes.brain),
-        'brasyn': brasyn_metrics(volume, volumes.real[t], volumes.brain, volumes.seg)})
+        'volume': protocols.volume_metrics(volume, volumes.real[t], volumes.brain),
+        'brasyn': protocols.brasyn_metrics(volume, volumes.real[t], volumes.brain, volumes.seg)})
   return results
-
-
-# --------------------------------------------------------------------------
-# Aggregation.
-
-
-def summarise_scenarios(rows, modalities, cells) -> list[dict]:
-  """One entry per (available set, target) cell: {available, target, model, baseline},
-  each method {protocol: {metric: {mean, std, n}}}."""
-  by_cell = {}
-  for row in rows:
-    by_cell.setdefault((row['available'], row['target']), []).append(row)
-  scenarios = []
-  for available, t in cells:
-    cell_rows = by_cell[(available_label(modalities, available), modalities[t])]
-    stats = summarise(cell_rows, [modalities[t]])
-    scenarios.append({'available': [modalities[i] for i in available], 'target': modalities[t],
-                      **{method: {protocol: stats[method][protocol][modalities[t]]
-                                  for protocol in PROTOCOLS} for method in METHODS}})
-  return scenarios
-
-
-def summarise(rows, modalities) -> dict:
-  """{method: {protocol: {target: {metric: {mean, std, n}}}}}; NaNs (e.g. no tumour) skipped."""
-  summary = {}
-  for method, protocol, target in itertools.product(METHODS, PROTOCOLS, modalities):
-    selected = [r for r in rows if (r['method'], r['protocol'], r['target']) ==
-                (method, protocol, target)]
-    stats = {}
-    for metric in METRICS[protocol]:
-      values = np.array([r[metric] for r in selected], np.float64)
-      values = values[np.isfinite(values)]
-      stats[metric] = ({'mean': float(values.mean()), 'std': float(values.std()),
-                        'n': int(values.size)} if values.size else
-                       {'mean': math.nan, 'std': math.nan, 'n': 0})
-    summary.setdefault(method, {}).setdefault(protocol, {})[target] = stats
-  return summary
-
-
-def scalars(summary, modalities) -> dict[str, float]:
-  """Flat means for logging: '<protocol>/<target>/<metric>', 'baseline/...', '.../all/...'."""
-  out = {}
-  for method, protocol in itertools.product(METHODS, PROTOCOLS):
-    prefix = '' if method == 'model' else 'baseline/'
-    for metric in METRICS[protocol]:
-      means = [summary[method][protocol][t][metric]['mean'] for t in modalities]
-      for target, mean in zip(modalities, means):
-        out[f'{prefix}{protocol}/{target}/{metric}'] = mean
-      finite = [m for m in means if np.isfinite(m)]
-      out[f'{prefix}{protocol}/all/{metric}'] = float(np.mean(finite)) if finite else math.nan
-  return out
 
 
 # --------------------------------------------------------------------------
@@ -451,19 +212,13 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
   any_set = synthesizer.generator.any_set
   cells = scenario_cells(len(modalities), any_set)
   _log_start(synthesizer, prepared_dir, evaluated_split, manifest, baselines, log)
-  # Official-mode results sit beside the eval-mode ones instead of replacing them.
-  folder = f'{step}-official' if synthesizer.official_test_mode else str(step)
-  out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / folder)
-  if main_process:
-    _check_writable(out_dir)  # Before the work, not after it.
+  out_dir = _output_dir(synthesizer, workdir, output_dir, main_process)
   extra = _downstream(config, synthesizer, prepared_dir, evaluated_split, manifest, scores,
                       cells, log)
   rows, grids, sources, num_slices = _evaluate_subjects(
       synthesizer, prepared_dir, evaluated_split, manifest, scores, cells, log)
-  # The paper's scenario (every other modality in) is the summary for either generator.
-  paper_rows = [r for r in rows if is_paper_scenario(r, len(modalities))]
-  summary = summarise(paper_rows, modalities)
-  _log_targets(summary, modalities, baselines, log)
+  paper_rows, results = _summaries(rows, modalities, cells, any_set)
+  _log_targets(results['summary'], modalities, baselines, log)
   report = {
       'step': step, 'split': evaluated_split, 'requested_split': split,
       'official_test_mode': synthesizer.official_test_mode,
@@ -471,12 +226,7 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
       'modalities': modalities, 'num_subjects': len(grids), 'num_slices': num_slices,
       'volume_reference': ' and '.join(sorted(sources)),
       'baselines': {t: modalities[b] for t, b in zip(modalities, baselines)},
-      'protocols': {p: {'metrics': list(METRICS[p]), 'definition': PROTOCOL_TITLES[p]}
-                    for p in PROTOCOLS},
-      'psnr_cap_db': PSNR_CAP,
-      'summary': summary, 'scalars': scalars(summary, modalities),
-      **({'scenarios': summarise_scenarios(rows, modalities, cells)} if any_set else {}),
-      **extra,
+      **protocols.description(), **results, **extra,
       'seconds': time.perf_counter() - start,
       'paths': _output_paths(out_dir, modalities, any_set),
   }
@@ -487,6 +237,28 @@ def evaluate(config, workdir, *, step=None, split='test', batch_size=16, variabl
       raise EvaluationError(f'{e.filename or out_dir}: cannot write ({e.strerror or e})') from None
   log(f'evaluate: wrote {out_dir} in {report["seconds"]:.1f} s')
   return report
+
+
+def _output_dir(synthesizer, workdir, output_dir, main_process) -> pathlib.Path:
+  """`output_dir`, or `<workdir>/eval/<step>` (`<step>-official` in official test mode: its
+  results sit beside the eval-mode ones), probed before the work, not after it."""
+  step = synthesizer.step
+  folder = f'{step}-official' if synthesizer.official_test_mode else str(step)
+  out_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / 'eval' / folder)
+  if main_process:
+    _check_writable(out_dir)
+  return out_dir
+
+
+def _summaries(rows, modalities, cells, any_set):
+  """(the paper scenario's rows, {summary, scalars[, scenarios]}): the paper's scenario
+  (every other modality in) is the summary for either generator."""
+  paper_rows = [r for r in rows if is_paper_scenario(r, len(modalities))]
+  summary = reports.summarise(paper_rows, modalities)
+  results = {'summary': summary, 'scalars': reports.scalars(summary, modalities)}
+  if any_set:
+    results['scenarios'] = reports.summarise_scenarios(rows, modalities, cells)
+  return paper_rows, results
 
 
 def _downstream(config, synthesizer, prepared_dir, split, manifest, scores, cells, log):

@@ -271,7 +271,8 @@ class Modulation(nn.Module):
   def __call__(self, x, code):
     channels = x.shape[-1]
     both = nn.Dense(2 * channels, use_bias=False, kernel_init=nn.initializers.zeros,
-                    dtype=self.dtype, param_dtype=self.param_dtype, dot_general=reduction.per_example_dot,
+                    dtype=self.dtype, param_dtype=self.param_dtype,
+                    dot_general=reduction.per_example_dot,
                     name='film')(code.astype(self.dtype))
     scale, shift = jnp.split(both[:, None, None, :].astype(x.dtype), 2, axis=-1)
     return x * (1 + scale) + shift
@@ -293,7 +294,8 @@ class BranchEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool, weights=None, code=None):
-    convolve = convolution.conv_from_constant_planes if self.constant_planes else convolution.conv_from_few_channels
+    convolve = (convolution.conv_from_constant_planes if self.constant_planes else
+                convolution.conv_from_few_channels)
 
     def norm_relu(h, name):
       h = self.make.norm(name=f'norm_{name}')(h, train=train, weights=weights)
@@ -301,7 +303,8 @@ class BranchEncoder(nn.Module):
         h = Modulation(self.make.dtype, self.make.param_dtype, name=f'modulation_{name}')(h, code)
       return nn.relu(h)
 
-    h = self.make.few_channel_conv(self.ngf, 7, convolve, name='conv_in')(convolution.reflect_pad(x, 3))
+    h = self.make.few_channel_conv(self.ngf, 7, convolve, name='conv_in')(
+        convolution.reflect_pad(x, 3))
     h = norm_relu(h, 'in')
     for i, features in enumerate((2 * self.ngf, 4 * self.ngf)):
       h = norm_relu(self.make.down(features, name=f'down_{i}')(h), f'down_{i}')

@@ -8,6 +8,7 @@ folder probe, also used for the training job's workdir (`job.make_workdir`).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import pathlib
@@ -16,6 +17,7 @@ import tempfile
 import numpy as np
 
 from aegan_jax import pictures
+from aegan_jax import protocols
 
 METRIC_HEADERS = {'psnr': 'PSNR (dB) ↑', 'ssim': 'SSIM ↑', 'fsim': 'FSIM ↑', 'mae': 'MAE ↓',
                   'ssim_tumour': 'SSIM tumour ↑', 'ssim_non_tumour': 'SSIM non-tumour ↑'}
@@ -81,6 +83,64 @@ def write_csv(rows, path) -> None:
     writer.writeheader()
     for row in rows:
       writer.writerow({k: csv_cell(v) for k, v in row.items()})
+
+
+# --------------------------------------------------------------------------
+# Aggregation: per-subject rows -> means and spreads.
+
+
+def available_label(modalities, available) -> str:
+  """An any-set cell's inputs as one row field, e.g. 't1+flair'."""
+  return '+'.join(modalities[i] for i in available)
+
+
+def summarise_scenarios(rows, modalities, cells) -> list[dict]:
+  """One entry per (available set, target) cell: {available, target, model, baseline},
+  each method {protocol: {metric: {mean, std, n}}}."""
+  by_cell = {}
+  for row in rows:
+    by_cell.setdefault((row['available'], row['target']), []).append(row)
+  scenarios = []
+  for available, t in cells:
+    cell_rows = by_cell[(available_label(modalities, available), modalities[t])]
+    stats = summarise(cell_rows, [modalities[t]])
+    scenarios.append({'available': [modalities[i] for i in available], 'target': modalities[t],
+                      **{method: {protocol: stats[method][protocol][modalities[t]]
+                                  for protocol in protocols.PROTOCOLS}
+                       for method in protocols.METHODS}})
+  return scenarios
+
+
+def summarise(rows, modalities) -> dict:
+  """{method: {protocol: {target: {metric: {mean, std, n}}}}}; NaNs (e.g. no tumour) skipped."""
+  summary = {}
+  for method, protocol, target in itertools.product(protocols.METHODS, protocols.PROTOCOLS,
+                                                    modalities):
+    selected = [r for r in rows if (r['method'], r['protocol'], r['target']) ==
+                (method, protocol, target)]
+    stats = {}
+    for metric in protocols.METRICS[protocol]:
+      values = np.array([r[metric] for r in selected], np.float64)
+      values = values[np.isfinite(values)]
+      stats[metric] = ({'mean': float(values.mean()), 'std': float(values.std()),
+                        'n': int(values.size)} if values.size else
+                       {'mean': math.nan, 'std': math.nan, 'n': 0})
+    summary.setdefault(method, {}).setdefault(protocol, {})[target] = stats
+  return summary
+
+
+def scalars(summary, modalities) -> dict[str, float]:
+  """Flat means for logging: '<protocol>/<target>/<metric>', 'baseline/...', '.../all/...'."""
+  out = {}
+  for method, protocol in itertools.product(protocols.METHODS, protocols.PROTOCOLS):
+    prefix = '' if method == 'model' else 'baseline/'
+    for metric in protocols.METRICS[protocol]:
+      means = [summary[method][protocol][t][metric]['mean'] for t in modalities]
+      for target, mean in zip(modalities, means):
+        out[f'{prefix}{protocol}/{target}/{metric}'] = mean
+      finite = [m for m in means if np.isfinite(m)]
+      out[f'{prefix}{protocol}/all/{metric}'] = float(np.mean(finite)) if finite else math.nan
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -178,8 +238,9 @@ def _percent(value) -> str:
 def downstream_tables(section, modalities) -> list[str]:
   """Dice per target and target channel, the average, and (any-set) every cell."""
   regions = list(section['regions'])
-  lines = [f'## Downstream: tumour-segmentation Dice (segmenter step {section["segmenter"]["step"]}, '
-           f'`{section["segmenter"]["workdir"]}`)', '',
+  segmenter = section['segmenter']
+  lines = [f'## Downstream: tumour-segmentation Dice (segmenter step {segmenter["step"]}, '
+           f'`{segmenter["workdir"]}`)', '',
            'The segmenter, trained on every sequence real, with the target channel real '
            '(upper bound), synthesized by AE-GAN, the copy baseline\'s input, or an all-zero '
            'scan (lower bound); every other channel real. Dice over each subject\'s volume '

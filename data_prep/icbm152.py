@@ -12,7 +12,7 @@ Per subject:
     2 mm), so that no two subjects share their folds;
   * tissue fractions resampled from the maps: GM, WM, CSF = 1 - GM - WM inside the
     brain (ventricles and sulcal CSF);
-  * the ellipsoid phantom's tumour model and labels (`phantom._paint_tumour`): necrotic
+  * the ellipsoid phantom's tumour model and labels (`phantom.paint_tumour`): necrotic
     core, enhancing rim, edema following the white matter;
   * the ellipsoid phantom's sequences (`phantom.acquire`): the same per-tissue contrasts
     (T1, T1ce, T2, FLAIR), mixed by the fractions, then texture, bias field, gain and
@@ -37,7 +37,7 @@ FILES = {name: f'mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz'
          for name in ('t1', 'gm', 'wm')}
 FIELD_OF_VIEW = (240.0, 240.0, 155.0)  # mm, BraTS
 BRAIN_THRESHOLD = 0.02  # of the T1 template's range: the template is skull-stripped
-INSIDE = 0.0  # `phantom._paint_tumour` paints where its radius map is below 0.95
+INSIDE = 0.0  # `phantom.paint_tumour` paints where its radius map is below 0.95
 
 
 def template_dir() -> pathlib.Path:
@@ -126,7 +126,7 @@ def make_subject(rng, shape=(240, 240, 155)):
   if rng.random() < phantom.TUMOUR_PROBABILITY:
     grid, half = _brain_frame(brain)
     radius = np.where(brain, np.float32(INSIDE), np.float32(1.0))
-    phantom._paint_tumour(rng, grid, half, radius, tissue, tumour)  # pylint: disable=protected-access
+    phantom.paint_tumour(rng, grid, half, radius, tissue, tumour)
   tumour[~brain] = 0  # BraTS convention: labels only inside the brain
   for label, tissue_index in ((1, phantom.NECROSIS), (2, phantom.EDEMA), (3, phantom.ENHANCING)):
     inside = tumour == label
@@ -140,7 +140,7 @@ def make_subject(rng, shape=(240, 240, 155)):
 
 def _brain_frame(brain):
   """(voxel grids centred on the brain's bounding box, its half-extents): the frame in
-  which `phantom._paint_tumour` places a tumour."""
+  which `phantom.paint_tumour` places a tumour."""
   where = np.argwhere(brain)
   low, high = where.min(axis=0), where.max(axis=0)
   centre = (low + high) / 2

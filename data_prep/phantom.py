@@ -184,7 +184,7 @@ def make_subject(rng, shape=(240, 240, 155)):
     tissue[window][_ellipsoid(sub, centre, axes) + bend < 1] = CSF
   tumour = np.zeros(box_shape, np.int8)
   if rng.random() < TUMOUR_PROBABILITY:
-    _paint_tumour(rng, grid, half, radius, tissue, tumour)
+    paint_tumour(rng, grid, half, radius, tissue, tumour)
   tumour[~brain] = 0  # BraTS convention: labels only inside the brain
 
   volumes = {m: _uncrop(v, shape, box, 0.0) for m, v in acquire(
@@ -242,7 +242,7 @@ def _uncrop(array, shape, box, fill):
   return full
 
 
-def _paint_tumour(rng, grid, half, radius, tissue, tumour):
+def paint_tumour(rng, grid, half, radius, tissue, tumour):
   """Necrotic core inside an enhancing rim inside edema, bent by noise."""
   while True:  # centre well inside the white matter
     centre = rng.uniform(-0.55, 0.55, 3)

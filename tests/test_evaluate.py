@@ -13,6 +13,7 @@ from aegan_jax import checkpoints
 from aegan_jax import evaluate
 from aegan_jax import inference
 from aegan_jax import models
+from aegan_jax import protocols
 from aegan_jax import reports
 from data_prep import prepare
 from data_prep.errors import DataError
@@ -54,14 +55,14 @@ def test_writes_json_csv_markdown_and_grids(dataset, report):
   assert stored['step'] == 7 and stored['split'] == 'test' and stored['num_subjects'] == 2
   assert stored['volume_reference'] == 'source files' and stored['official_test_mode'] is False
   assert set(stored['summary']) == {'model', 'baseline'}
-  assert set(stored['summary']['model']) == set(evaluate.PROTOCOLS)
+  assert set(stored['summary']['model']) == set(protocols.PROTOCOLS)
   with open(out / 'metrics.csv') as f:
     rows = list(csv.DictReader(f))
   # 2 methods x 3 protocols x 4 targets x 2 subjects.
   assert len(rows) == 48 and len(stored['subjects']) == 48
-  assert {r['protocol'] for r in rows} == set(evaluate.PROTOCOLS)
+  assert {r['protocol'] for r in rows} == set(protocols.PROTOCOLS)
   markdown = (out / 'metrics.md').read_text()
-  for protocol in evaluate.PROTOCOLS:
+  for protocol in protocols.PROTOCOLS:
     assert f'## {protocol}:' in markdown
   for target, source in report['baselines'].items():
     assert f'| {target} | copy {source} |' in markdown
@@ -79,7 +80,7 @@ def test_an_any_set_checkpoint_reports_every_cell(dataset, tmp_path):
   assert len({(tuple(c['available']), c['target']) for c in cells}) == 28
   for cell in cells:
     assert cell['target'] not in cell['available'] and cell['available']
-    assert set(cell['model']) == set(cell['baseline']) == set(evaluate.PROTOCOLS)
+    assert set(cell['model']) == set(cell['baseline']) == set(protocols.PROTOCOLS)
     assert np.isfinite(cell['model']['aegan']['psnr']['mean'])
     assert cell['baseline']['aegan']['psnr']['n'] == 2
   # The paper's scenario is the summary, as for the official generator.
@@ -99,7 +100,7 @@ def test_an_any_set_checkpoint_reports_every_cell(dataset, tmp_path):
 
 def test_summary_values_are_sane(report):
   summary = report['summary']
-  for method in evaluate.METHODS:
+  for method in protocols.METHODS:
     for target in ('t1', 't1ce', 't2', 'flair'):
       aegan = summary[method]['aegan'][target]
       assert aegan['psnr']['n'] == 2 and 0 < aegan['psnr']['mean'] < 60
@@ -128,16 +129,16 @@ def test_perfect_synthesis_scores_the_cap_and_ssim_one():
   rng = np.random.default_rng(0)
   volume = rng.uniform(0, 500, (20, 20, 12)).astype(np.float32)
   brain = np.ones(volume.shape, bool)
-  scores = evaluate.volume_metrics(volume, volume, brain)
-  assert scores['psnr'] == evaluate.PSNR_CAP and scores['mae'] == 0
+  scores = protocols.volume_metrics(volume, volume, brain)
+  assert scores['psnr'] == protocols.PSNR_CAP and scores['mae'] == 0
   assert scores['ssim'] == pytest.approx(1.0, abs=1e-5)
   seg = np.zeros(volume.shape, np.uint8)
   seg[5:10, 5:10, 3:9] = 2
-  brasyn = evaluate.brasyn_metrics(volume * 2 + 7, volume, brain, seg)  # Affine: same after scaling.
+  brasyn = protocols.brasyn_metrics(volume * 2 + 7, volume, brain, seg)  # Affine: same after scaling.
   assert brasyn['ssim_tumour'] == pytest.approx(1.0, abs=1e-4)
   assert brasyn['ssim_non_tumour'] == pytest.approx(1.0, abs=1e-4)
-  assert evaluate.brasyn_metrics(volume, volume, brain, None)['ssim_tumour'] != \
-      evaluate.brasyn_metrics(volume, volume, brain, None)['ssim_tumour']  # NaN without seg.
+  assert protocols.brasyn_metrics(volume, volume, brain, None)['ssim_tumour'] != \
+      protocols.brasyn_metrics(volume, volume, brain, None)['ssim_tumour']  # NaN without seg.
 
 
 def test_without_source_files_and_with_an_empty_split(dataset, tmp_path):
