@@ -28,12 +28,12 @@ import json
 import grain
 import numpy as np
 
-from data_prep import prepare
+from data_prep import manifest as manifest_lib
 from data_prep.errors import DataError
 
 
 def load_manifest(prepared_dir) -> dict:
-  return prepare.load_manifest(prepared_dir)
+  return manifest_lib.load_manifest(prepared_dir)
 
 
 def num_examples(prepared_dir, split: str = 'train') -> int:
@@ -52,7 +52,7 @@ def data_source(prepared_dir, split: str = 'train'):
   if num_examples(prepared_dir, split) == 0:
     raise ValueError(f'{prepared_dir}: split {split!r} holds no slices')
   check_shards(prepared_dir, split)
-  folder = prepare.tfds_dir(prepared_dir)
+  folder = manifest_lib.tfds_dir(prepared_dir)
   for name in ('dataset_info.json', 'features.json'):
     try:
       json.loads((folder / name).read_text())
@@ -95,9 +95,9 @@ def check_shards(prepared_dir, split: str) -> None:
   A truncated ArrayRecord file opens as empty, so the records are counted.
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  folder = prepare.tfds_dir(prepared_dir)
+  folder = manifest_lib.tfds_dir(prepared_dir)
   fix = _fix(prepared_dir)
-  shards = sorted(folder.glob(f'{prepare.BUILDER_NAME}-{split}.array_record-*-of-*'))
+  shards = sorted(folder.glob(f'{manifest_lib.BUILDER_NAME}-{split}.array_record-*-of-*'))
   if not shards:
     raise DataError(f'{folder}: the {split} shards are missing; {fix}')
   expected_files = int(shards[0].name.rsplit('-of-', 1)[1])
@@ -117,7 +117,7 @@ def check_shards(prepared_dir, split: str) -> None:
       raise DataError(f'{shard}: damaged (no readable records); {fix}')
     total += count
   if total != expected:
-    raise DataError(f'{folder}: the {split} shards hold {total} slices but {prepare.MANIFEST} '
+    raise DataError(f'{folder}: the {split} shards hold {total} slices but {manifest_lib.MANIFEST} '
                     f'lists {expected}; {fix}')
 
 

@@ -26,7 +26,7 @@ from aegan_jax import inference
 from aegan_jax import models
 from aegan_jax import protocols
 from aegan_jax import reports
-from data_prep import prepare
+from data_prep import manifest as manifest_lib
 
 class EvaluationError(ValueError):
   """Nothing to evaluate (one-line message)."""
@@ -316,7 +316,7 @@ def _evaluate_subjects(synthesizer, prepared_dir, split, manifest, scores, cells
   for i, subject in enumerate(iterate_subjects(prepared_dir, split)):
     tick = time.perf_counter()
     if subject.subject_id not in manifest['subjects']:
-      raise EvaluationError(f'{pathlib.Path(prepared_dir) / prepare.MANIFEST}: no entry for '
+      raise EvaluationError(f'{pathlib.Path(prepared_dir) / manifest_lib.MANIFEST}: no entry for '
                             f'subject {subject.subject_id}, whose slices the {split} split '
                             'holds; prepare again')
     subject_rows, grids[subject.subject_id], volumes = evaluate_subject(

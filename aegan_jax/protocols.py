@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from aegan_jax import metrics
+from data_prep import manifest as manifest_lib
 from data_prep import nifti
-from data_prep import prepare
 from data_prep import preprocess
 
 PROTOCOLS = ('aegan', 'volume', 'brasyn')
@@ -161,7 +161,7 @@ def _read_source(entry, modalities):
   paths = [entry.get('files', {}).get(m) for m in modalities]
   if not all(paths):
     return None, 'the manifest names no source file for every modality'
-  problem = prepare.source_file_problem(entry)
+  problem = manifest_lib.source_file_problem(entry)
   if problem:
     return None, problem
   shape, keep = entry['shape'], entry['slices']

@@ -13,21 +13,15 @@ subject has no segmentation; see ``has_seg``), ``subject_id``, ``slice_index``,
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
 import errno
-import functools
 import hashlib
-import io
-import itertools
 import json
 import os
 import pathlib
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
 
@@ -35,65 +29,11 @@ import numpy as np
 
 from data_prep import files
 from data_prep import layouts
+from data_prep import manifest
 from data_prep import nifti
 from data_prep import preprocess
+from data_prep import tfds_writer
 from data_prep.errors import DataError
-
-MANIFEST = 'manifest.json'
-FORMAT_VERSION = 1
-BUILDER_NAME = 'aegan_slices'
-BUILDER_VERSION = '1.0.0'
-SPLITS = ('train', 'val', 'test')
-IMAGE_DTYPE = np.float16
-
-
-# Top-level manifest entries every reader relies on, and their types.
-_MANIFEST_ENTRIES = {'modalities': list, 'image_size': int, 'options': dict, 'splits': dict,
-                     'subjects': dict, 'background_value': (int, float)}
-
-
-def load_manifest(prepared_dir) -> dict:
-  """Reads ``prepared_dir/manifest.json``; one-line DataError when it is missing or damaged."""
-  path = pathlib.Path(prepared_dir) / MANIFEST
-  if not path.is_file():
-    raise DataError(f'{path}: not found; run python -m data_prep first')
-  try:
-    manifest = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise DataError(f'{path}: damaged ({nifti.one_line(e)}); prepare again with '
-                    '--overwrite') from None
-  if not isinstance(manifest, dict):
-    raise DataError(f'{path}: damaged (not a JSON object); prepare again with --overwrite')
-  for key, kind in _MANIFEST_ENTRIES.items():
-    if not isinstance(manifest.get(key), kind):
-      raise DataError(f'{path}: damaged (no valid {key!r} entry); prepare again with '
-                      '--overwrite')
-  return manifest
-
-
-def _file_stat(path) -> list[int]:
-  stat = pathlib.Path(path).stat()
-  return [stat.st_size, stat.st_mtime_ns]
-
-
-def source_file_problem(entry: dict) -> str:
-  """'' when every source file of a manifest subject entry is still the one prepared
-  (same size and modification time, as in the content hash); else what differs."""
-  stats = entry.get('file_stats')
-  if not stats:
-    return 'the manifest records no fingerprint of them (prepared by an earlier version)'
-  for path, recorded in stats.items():
-    try:
-      if _file_stat(path) != recorded:
-        return f'{path} has changed since the preparation (size or modification time)'
-    except OSError as e:
-      return f'{path}: {e.strerror or e}'
-  return ''
-
-
-def tfds_dir(prepared_dir) -> pathlib.Path:
-  return pathlib.Path(prepared_dir) / BUILDER_NAME / BUILDER_VERSION
-
 
 # ---------------------------------------------------------------- validation
 
@@ -143,7 +83,7 @@ def load_subject(case: layouts.Case, header: dict, options: dict) -> dict:
   images = np.stack([
       preprocess.volume_to_slices(v, indices, options['geometry'],
                                   options['image_size'], fill)
-      for v in normalised], axis=-1).astype(IMAGE_DTYPE)
+      for v in normalised], axis=-1).astype(manifest.IMAGE_DTYPE)
   size = options['image_size']
   seg = np.zeros((len(indices), size, size), np.uint8)
   if case.seg is not None:
@@ -183,192 +123,6 @@ def assign_splits(subject_ids, ratios, seed) -> dict[str, str]:
   return {ids[i]: names[rank] for rank, i in enumerate(order)}
 
 
-# ------------------------------------------------------------------ storage
-
-
-@functools.cache
-def _builder_class():
-  """The TFDS builder, defined lazily so importing this module stays light."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  class AeganSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """One record per 2D slice; shapes come from the preparation plan."""
-    VERSION = tfds.core.Version(BUILDER_VERSION)
-
-    def __init__(self, *, plan, **kwargs):
-      self._plan = plan
-      super().__init__(**kwargs)
-
-    def _info(self):
-      size, count = self._plan.image_size, len(self._plan.modalities)
-      tensor = tfds.features.Tensor
-      # BYTES encoding: raw buffers, ~8x faster to write than the default.
-      return tfds.core.DatasetInfo(
-          builder=self,
-          description='AE-GAN 2D slices; see manifest.json.',
-          features=tfds.features.FeaturesDict({
-              'images': tensor(shape=(size, size, count), dtype=IMAGE_DTYPE,
-                               encoding=tfds.features.Encoding.BYTES),
-              'seg': tensor(shape=(size, size), dtype=np.uint8,
-                            encoding=tfds.features.Encoding.BYTES),
-              'has_seg': tensor(shape=(), dtype=np.bool_),
-              'subject_id': tfds.features.Text(),
-              'slice_index': tensor(shape=(), dtype=np.int32),
-              'example_id': tensor(shape=(), dtype=np.int64),
-          }),
-          disable_shuffling=True)  # keep subject/slice order; Grain shuffles
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {split: self._generate_examples(split)
-              for split in self._plan.nonempty_splits()}
-
-    def _generate_examples(self, split):
-      yield from self._plan.examples(split)
-
-  return AeganSlices
-
-
-class _Plan:
-  """What to write; the builder pulls examples from it split by split."""
-
-  def __init__(self, cases, headers, splits, options, modalities, workers,
-               skip_bad, progress):
-    self.cases, self.headers, self.splits = cases, headers, splits
-    self.options, self.modalities = options, modalities
-    self.image_size = options['image_size']
-    self.workers, self.skip_bad = workers, skip_bad
-    self.subjects: dict[str, dict] = {}
-    self.skipped: list[dict] = []
-    self.slice_counts = collections.Counter()
-    self.error: DataError | None = None
-    self._streams = None
-    self._progress = _progress_bar(len(cases), progress)
-
-  def nonempty_splits(self):
-    """Splits left with at least one readable subject.
-
-    TFDS cannot write an empty split, and subjects may only turn out bad when
-    their voxels are read, so each split is read up to its first good subject
-    here; that subject is kept and written first.
-    """
-    if self._streams is None:
-      self._streams = {}
-      for split in SPLITS:
-        stream = self._good_subjects(split)
-        first = next(stream, None)
-        if first is not None:
-          self._streams[split] = itertools.chain([first], stream)
-      if not self._streams:
-        self.error = DataError('every subject was skipped')
-        raise self.error
-    return list(self._streams)
-
-  def _load(self, case):
-    try:
-      return case, load_subject(case, self.headers[case.subject_id],
-                                self.options)
-    except DataError as exc:
-      return case, exc
-
-  def _good_subjects(self, split):
-    cases = [c for c in self.cases if self.splits[c.subject_id] == split]
-    for case, result in _ordered_map(self._load, cases, self.workers):
-      self._progress.update(1)
-      if isinstance(result, DataError):
-        if not self.skip_bad:
-          self.error = result  # TFDS may wrap it; prepare_dataset re-raises
-          raise result
-        self.skipped.append({'subject_id': case.subject_id,
-                             'reason': str(result)})
-        continue
-      yield case, result
-
-  def examples(self, split):
-    example_id = 0
-    for case, result in self._streams[split]:
-      self.subjects[case.subject_id] = self._manifest_entry(case, result)
-      for i, index in enumerate(result['slices']):
-        yield f'{example_id:09d}', {
-            'images': result['images'][i], 'seg': result['seg'][i],
-            'has_seg': case.seg is not None, 'subject_id': case.subject_id,
-            'slice_index': index, 'example_id': example_id}
-        example_id += 1
-      self.slice_counts[split] += len(result['slices'])
-
-  def _manifest_entry(self, case, result):
-    header = self.headers[case.subject_id]
-    return {
-        'split': self.splits[case.subject_id],
-        'layout': case.layout,
-        'source_dir': str(case.directory),
-        'files': {m: str(p) for m, p in case.files.items()},
-        'seg': str(case.seg) if case.seg is not None else None,
-        'file_names': {m: case.filename_for(m)
-                       for m in list(case.modalities) + ['seg']},
-        # Evaluation reads the source files only while they are still these.
-        'file_stats': {str(p): _file_stat(p) for p in
-                       list(case.files.values()) + [case.seg] if p is not None},
-        'shape': header['shape'],
-        'affine': header['affine'],
-        'normalisation': result['normalisation'],
-        'slices': result['slices'],
-    }
-
-  def close(self):
-    self._progress.close()
-
-
-def _progress_bar(total, enabled):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, unit='subject', file=sys.stderr,
-              disable=not enabled, desc='preparing')
-
-
-def _ordered_map(fn, items, workers):
-  """``map`` on a thread pool, in order, with a bounded read-ahead.
-
-  NIfTI decompression (zlib) and numpy release the GIL, so threads overlap
-  reading; the bound keeps memory at ~2*workers subjects.
-  """
-  if workers <= 1:
-    yield from map(fn, items)
-    return
-  pool = concurrent.futures.ThreadPoolExecutor(workers)
-  try:
-    items = iter(items)
-    pending = collections.deque(
-        pool.submit(fn, item) for item in itertools.islice(items, 2 * workers))
-    while pending:
-      result = pending.popleft().result()
-      for item in itertools.islice(items, 1):
-        pending.append(pool.submit(fn, item))
-      yield result
-  finally:
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _write_tfds(plan, out_dir: pathlib.Path):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
-  builder = _builder_class()(plan=plan, data_dir=str(out_dir),
-                             file_format='array_record')
-  download_dir = out_dir / '.downloads'
-  bars_were_on = tqdm_utils._active  # pylint: disable=protected-access
-  tfds.display_progress_bar(False)  # ours is per subject
-  try:
-    # TFDS prints banners on stdout; keep stdout for our report.
-    with contextlib.redirect_stdout(io.StringIO()):
-      builder.download_and_prepare(download_dir=str(download_dir))
-  except BaseException:
-    if plan.error is not None:
-      raise plan.error from None
-    raise
-  finally:
-    tfds.display_progress_bar(bars_were_on)
-    shutil.rmtree(download_dir, ignore_errors=True)
-
-
 # ------------------------------------------------------------------- driver
 
 
@@ -379,7 +133,7 @@ def _fingerprint(cases, options) -> str:
   than preparing them.
   """
   digest = hashlib.sha256(json.dumps(
-      {'version': FORMAT_VERSION, 'options': options}, sort_keys=True).encode())
+      {'version': manifest.FORMAT_VERSION, 'options': options}, sort_keys=True).encode())
   for case in cases:
     paths = list(case.files.values()) + ([case.seg] if case.seg else [])
     for path in sorted(paths):
@@ -423,8 +177,8 @@ def _discover(src, split_sources, dataset, modalities):
   if split_sources:
     cases, fixed = [], {}
     for split, root in split_sources.items():
-      if split not in SPLITS:
-        raise DataError(f'unknown split {split!r}; expected {SPLITS}')
+      if split not in manifest.SPLITS:
+        raise DataError(f'unknown split {split!r}; expected {manifest.SPLITS}')
       for case in layouts.find_cases(root, dataset, modalities):
         if case.subject_id in fixed:
           raise DataError(f'{case.directory}: subject {case.subject_id} '
@@ -462,10 +216,10 @@ def _options(cases, fixed_splits, src, split_sources, choices) -> dict:
 def _up_to_date_report(dst, content_hash, start) -> dict | None:
   """The report of a `dst` already prepared from the same inputs and options, else None
   (also for a damaged manifest, which --overwrite may then replace)."""
-  if not (dst / MANIFEST).is_file():
+  if not (dst / manifest.MANIFEST).is_file():
     return None
   try:
-    previous = load_manifest(dst)
+    previous = manifest.load_manifest(dst)
   except DataError:
     return None
   if previous.get('content_hash') != content_hash:
@@ -483,8 +237,8 @@ def _check_replaceable(dst, overwrite: bool) -> None:
   if not dst.is_dir():
     raise DataError(f'--dst {dst} is a file; give a folder')
   if any(dst.iterdir()):
-    if not (dst / MANIFEST).is_file():
-      raise DataError(f'{dst} is not empty and holds no prepared dataset ({MANIFEST}); '
+    if not (dst / manifest.MANIFEST).is_file():
+      raise DataError(f'{dst} is not empty and holds no prepared dataset ({manifest.MANIFEST}); '
                       'choose another --dst (--overwrite replaces prepared datasets only)')
     if not overwrite:
       raise DataError(f'{dst}: was prepared from other inputs or options; pass --overwrite '
@@ -564,10 +318,10 @@ def _write(plan, dst: pathlib.Path, content_hash: str, overwrite: bool) -> dict:
   staging = pathlib.Path(tempfile.mkdtemp(
       prefix=f'.{dst.name}.partial-{files.owner_tag()}-', dir=dst.parent))
   try:
-    _write_tfds(plan, staging)
+    tfds_writer.write_tfds(plan, staging)
     plan.close()
-    manifest = _manifest(plan, content_hash)
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    record = manifest.build(plan, content_hash)
+    (staging / manifest.MANIFEST).write_text(json.dumps(record, indent=1))
     # mkdtemp makes 0700; the dataset gets the mode of a plain mkdir (shared clusters).
     os.chmod(staging, 0o777 & ~files.current_umask())
     _swap_in(staging, dst, overwrite)
@@ -580,7 +334,7 @@ def _write(plan, dst: pathlib.Path, content_hash: str, overwrite: bool) -> dict:
     plan.close()
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  return manifest
+  return record
 
 
 def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max',
@@ -633,14 +387,8 @@ def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max
   if up_to_date:
     return up_to_date
   _check_replaceable(dst, overwrite)
-  headers, good, skipped = _validate_cases(cases, skip_bad)
-  if not good:
-    raise DataError(f'{src}: no valid subject left to prepare')
-  splits = fixed_splits or assign_splits(
-      [c.subject_id for c in good], split_ratios, split_seed)
-  plan = _Plan(good, headers, splits, options, list(good[0].modalities),
-               workers, skip_bad, progress)
-  plan.skipped.extend(skipped)
+  plan = _plan(cases, fixed_splits, options, src, workers=workers, skip_bad=skip_bad,
+               progress=progress)
   with _destination_lock(dst):
     # Another preparation may have finished while this one validated.
     up_to_date = _up_to_date_report(dst, content_hash, start)
@@ -648,42 +396,23 @@ def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max
       plan.close()
       return up_to_date
     _remove_dead_leftovers(dst)
-    manifest = _write(plan, dst, content_hash, overwrite)
+    record = _write(plan, dst, content_hash, overwrite)
   seconds = time.perf_counter() - start
   total = sum(plan.slice_counts.values())
   return {'dst': str(dst), 'up_to_date': False,
           'subjects': len(plan.subjects), 'slices': total,
-          'splits': manifest['splits'], 'skipped': plan.skipped,
+          'splits': record['splits'], 'skipped': plan.skipped,
           'seconds': seconds, 'slices_per_second': total / max(seconds, 1e-9)}
 
 
-def _manifest(plan, content_hash) -> dict:
-  size, count = plan.image_size, len(plan.modalities)
-  image_bytes = size * size * count * np.dtype(IMAGE_DTYPE).itemsize
-  per_split = {s: {'subjects': sum(1 for v in plan.subjects.values()
-                                   if v['split'] == s),
-                   'slices': plan.slice_counts[s]} for s in SPLITS}
-  return {
-      'format': 'aegan-jax prepared slices',
-      'version': FORMAT_VERSION,
-      'content_hash': content_hash,
-      'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-      'dataset': plan.options['dataset'],
-      'modalities': plan.modalities,
-      'image_size': size,
-      'options': plan.options,
-      'background_value': preprocess.background_value(
-          plan.options['normalise']),
-      'slice_axis': 2,
-      'slice_orientation': 'vol[:, :, z] stored as [H, W] = [X, Y], unrotated',
-      'storage': {
-          'tfds_name': BUILDER_NAME, 'tfds_version': BUILDER_VERSION,
-          'tfds_path': f'{BUILDER_NAME}/{BUILDER_VERSION}',
-          'file_format': 'array_record', 'images_dtype': 'float16',
-          'seg_dtype': 'uint8',
-          'bytes_per_slice': {'images': image_bytes, 'seg': size * size},
-      },
-      'splits': per_split,
-      'skipped': plan.skipped,
-      'subjects': plan.subjects,
-  }
+def _plan(cases, fixed_splits, options, src, *, workers, skip_bad, progress):
+  """Validates every subject's headers, splits the valid ones and plans the writing."""
+  headers, good, skipped = _validate_cases(cases, skip_bad)
+  if not good:
+    raise DataError(f'{src}: no valid subject left to prepare')
+  splits = fixed_splits or assign_splits(
+      [c.subject_id for c in good], options['split_ratios'], options['split_seed'])
+  plan = tfds_writer.Plan(good, headers, splits, options, list(good[0].modalities),
+                          workers, skip_bad, progress, load_subject)
+  plan.skipped.extend(skipped)
+  return plan

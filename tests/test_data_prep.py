@@ -14,10 +14,12 @@ import pytest
 
 from data_prep import files
 from data_prep import layouts
+from data_prep import manifest as manifest_lib
 from data_prep import nifti
 from data_prep import phantom
 from data_prep import prepare
 from data_prep import preprocess
+from data_prep import tfds_writer
 from data_prep.errors import DataError
 
 SHAPE = (16, 16, 8)
@@ -227,7 +229,7 @@ def test_prepare_other_layouts(tmp_path, kind):
   dst = tmp_path / 'out'
   report = prepare.prepare_dataset(tmp_path / 'raw', dst, split_ratios=(1, 0, 0),
                                    **FAST)
-  manifest = prepare.load_manifest(dst)
+  manifest = manifest_lib.load_manifest(dst)
   expected = layouts.find_cases(tmp_path / 'raw')[0].modalities
   assert manifest['modalities'] == list(expected)
   assert report['slices'] == 4 * report['subjects']
@@ -275,7 +277,7 @@ def test_prepared_pad_slices_rebuild_volume(tmp_path):
   prepare.prepare_dataset(src, dst, geometry='pad', image_size=20,
                           slices='range:0:8', split_ratios=(1, 0, 0),
                           progress=False)
-  manifest = prepare.load_manifest(dst)
+  manifest = manifest_lib.load_manifest(dst)
   entry = manifest['subjects']['BraTS20_Training_001']
   slices = [e['images'] for e in data.iterate_split(dst, 'train')
             if e['subject_id'] == 'BraTS20_Training_001']
@@ -294,7 +296,7 @@ def test_split_is_disjoint_and_complete(tmp_path):
   ids = [f's{i:03d}' for i in range(50)]
   splits = prepare.assign_splits(ids, (0.8, 0.1, 0.1), seed=0)
   assert sorted(splits) == ids
-  assert [sum(v == s for v in splits.values()) for s in prepare.SPLITS] == [40, 5, 5]
+  assert [sum(v == s for v in splits.values()) for s in manifest_lib.SPLITS] == [40, 5, 5]
   assert splits == prepare.assign_splits(ids, (0.8, 0.1, 0.1), seed=0)
   assert splits != prepare.assign_splits(ids, (0.8, 0.1, 0.1), seed=1)
 
@@ -309,7 +311,7 @@ def test_split_sources_and_rerun(tmp_path):
   report = prepare.prepare_dataset(None, dst, **kwargs)
   assert report['splits']['train']['subjects'] == 2
   seen = {s: {e['subject_id'] for e in data.iterate_split(dst, s)}
-          for s in prepare.SPLITS}
+          for s in manifest_lib.SPLITS}
   assert seen['test'] == {'BraTS20_Validation_001'}
   assert not seen['train'] & seen['test']
   assert 'seg' not in next(data.iterate_split(dst, 'test'))
@@ -318,7 +320,7 @@ def test_split_sources_and_rerun(tmp_path):
     prepare.prepare_dataset(None, dst, **{**kwargs, 'normalise': 'zscore'})
   report = prepare.prepare_dataset(None, dst, overwrite=True,
                                    **{**kwargs, 'normalise': 'zscore'})
-  assert prepare.load_manifest(dst)['options']['normalise'] == 'zscore'
+  assert manifest_lib.load_manifest(dst)['options']['normalise'] == 'zscore'
   assert not _leftovers(dst)
 
 
@@ -504,14 +506,14 @@ def test_bad_options_are_one_line_errors(tmp_path, args, message):
 def test_a_folder_made_at_dst_during_preparation_is_never_replaced(tmp_path, monkeypatch):
   src = _brats2020(tmp_path / 'raw', 2)
   dst = tmp_path / 'out'
-  write = prepare._write_tfds
+  write = tfds_writer.write_tfds
 
   def user_creates_dst(plan, out_dir):
     write(plan, out_dir)
     dst.mkdir()
     (dst / 'notes.txt').write_text('keep me')
 
-  monkeypatch.setattr(prepare, '_write_tfds', user_creates_dst)
+  monkeypatch.setattr(tfds_writer, 'write_tfds', user_creates_dst)
   with pytest.raises(DataError, match=f'^{re.escape(str(dst))} is not empty and holds no '
                                       'prepared dataset'):
     prepare.prepare_dataset(src, dst, overwrite=True, **FAST)
@@ -522,7 +524,7 @@ def test_a_folder_made_at_dst_during_preparation_is_never_replaced(tmp_path, mon
 def test_concurrent_preparations_of_one_dst_are_serialised(tmp_path, monkeypatch):
   src = _brats2020(tmp_path / 'raw', 2)
   dst = tmp_path / 'out'
-  write, second = prepare._write_tfds, []
+  write, second = tfds_writer.write_tfds, []
 
   def another_preparation_meanwhile(plan, out_dir):
     if not second:
@@ -532,9 +534,9 @@ def test_concurrent_preparations_of_one_dst_are_serialised(tmp_path, monkeypatch
         prepare.prepare_dataset(src, dst, **{**FAST, 'normalise': 'zscore'})
     write(plan, out_dir)
 
-  monkeypatch.setattr(prepare, '_write_tfds', another_preparation_meanwhile)
+  monkeypatch.setattr(tfds_writer, 'write_tfds', another_preparation_meanwhile)
   prepare.prepare_dataset(src, dst, **FAST)
-  assert second and prepare.load_manifest(dst)['options']['normalise'] == 'max'
+  assert second and manifest_lib.load_manifest(dst)['options']['normalise'] == 'max'
   assert not _leftovers(dst)
 
 
@@ -547,11 +549,11 @@ def test_prepared_folder_gets_the_mode_of_a_plain_mkdir(tmp_path):
 def test_leftovers_of_a_killed_preparation_are_removed_by_the_next(tmp_path):
   src = _brats2020(tmp_path / 'raw', 2)
   dst = tmp_path / 'out'
-  killed = ('import os, signal, sys; from data_prep import prepare\n'
+  killed = ('import os, signal, sys; from data_prep import prepare, tfds_writer\n'
             'def die(plan, out_dir):\n'
             '  (out_dir / "half.bin").write_bytes(b"x")\n'
             '  os.kill(os.getpid(), signal.SIGKILL)\n'
-            'prepare._write_tfds = die\n'
+            'tfds_writer.write_tfds = die\n'
             f'prepare.prepare_dataset({str(src)!r}, {str(dst)!r}, slices="range:2:6", '
             'image_size=16, progress=False)\n')
   run = subprocess.run([sys.executable, '-c', killed], capture_output=True, timeout=120,
