@@ -8,8 +8,11 @@ from __future__ import annotations
 import sys
 
 from aegan_jax import checkpoints
+from aegan_jax import evaluate
 from aegan_jax import host_memory
 from aegan_jax import parallel
+from aegan_jax import segmenter_job
+from data_prep.errors import DataError
 from aegan_jax import job
 
 TASKS = ('synthesis', 'segmenter')
@@ -20,9 +23,6 @@ def run(config, workdir, *, mode='train', step=None, coordinator_address=None,
   """Runs `mode` of `config.task`; user mistakes print one `error:` line and return 2."""
   host_memory.keep_freed_memory()
   parallel.maybe_initialize_distributed(coordinator_address, num_processes, process_id)
-  from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from aegan_jax import segmenter_job  # pylint: disable=g-import-not-at-top
-  from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top
   jobs = {'synthesis': (job.train_and_evaluate, job.validate_config, evaluate.evaluate),
           'segmenter': (segmenter_job.train_and_evaluate, segmenter_job.validate_config,
                         segmenter_job.evaluate)}

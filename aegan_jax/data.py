@@ -24,8 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 import json
+import os
 
+from absl import flags
 import grain
+import jax
 import numpy as np
 
 from data_prep import manifest as manifest_lib
@@ -259,7 +262,6 @@ def check_scenario_options(*, scenarios: str, curriculum_stage_examples: int,
 
 def _process(process_index, process_count):
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   return process_index, process_count
@@ -321,7 +323,6 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
 def _ensure_absl_flags_parsed():
   """Grain's worker start-up reads absl flags; scripts without app.run never
   parse them.  Marking them parsed keeps the defaults."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -403,5 +404,4 @@ def adopt_preparation(data_config, manifest: dict, prepared, log=print) -> None:
 
 def prepared_dir_for(config, workdir) -> str:
   """`config.data.prepared_dir`, or `<workdir>/prepared` when it is empty."""
-  import os  # pylint: disable=g-import-not-at-top
   return config.data.prepared_dir or os.path.join(str(workdir), 'prepared')

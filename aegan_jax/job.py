@@ -18,10 +18,12 @@ import time
 from importlib import metadata
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from aegan_jax import checkpoints
 from aegan_jax import data
+from aegan_jax import evaluate
 from aegan_jax import models
 from aegan_jax import parallel
 from aegan_jax import reports
@@ -29,7 +31,10 @@ from aegan_jax import samples
 from aegan_jax import train
 from aegan_jax import workdir_lock
 from data_prep import files
+from data_prep import phantom
+from data_prep import prepare
 from data_prep import preprocess
+from data_prep.errors import DataError
 
 
 class ConfigError(ValueError):
@@ -139,7 +144,6 @@ def ensure_prepared(config, workdir: pathlib.Path) -> str:
   if jax.process_count() > 1:
     message = _broadcast_text(f'{type(failure).__name__}: {failure}' if failure else '')
     if message and failure is None:
-      from data_prep.errors import DataError  # pylint: disable=g-import-not-at-top
       raise DataError(f'process 0 could not prepare the data: {message}')
   if failure is not None:
     raise failure
@@ -147,8 +151,7 @@ def ensure_prepared(config, workdir: pathlib.Path) -> str:
 
 
 def _prepare(config, workdir, prepared: pathlib.Path) -> None:
-  raw = _raw_dir(config, workdir)
-  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+  raw = raw_dir(config, workdir)
   log(f'preparing {raw} -> {prepared}')
   options = {name: config.data[name] for name in prepare.CONFIG_FIELDS}
   prepare.prepare_dataset(raw, prepared, workers=2, **options)
@@ -156,7 +159,6 @@ def _prepare(config, workdir, prepared: pathlib.Path) -> None:
 
 def _broadcast_text(text: str, size: int = 2048) -> str:
   """Process 0's `text` on every process (a collective: all processes must call it)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   buffer = np.zeros(size, np.uint8)
   encoded = text.encode()[:size]
   buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
@@ -164,7 +166,7 @@ def _broadcast_text(text: str, size: int = 2048) -> str:
   return bytes(received).rstrip(b'\0').decode(errors='replace')
 
 
-def _raw_dir(config, workdir) -> pathlib.Path:
+def raw_dir(config, workdir) -> pathlib.Path:
   """`data.raw_dir`; with `data.phantom_subjects` > 0 a phantom dataset is made there first."""
   raw = pathlib.Path(config.data.raw_dir or workdir / 'raw')
   subjects = config.data.get('phantom_subjects', 0)
@@ -184,7 +186,6 @@ def _write_phantom(raw: pathlib.Path, subjects: int, seed: int, shape,
                    anatomy: str = 'ellipsoids') -> None:
   """Writes next to `raw`, then renames: an interrupted run leaves no partial dataset
   that the next run would take for a complete one."""
-  from data_prep import phantom  # pylint: disable=g-import-not-at-top
   if anatomy not in phantom.ANATOMIES:
     raise ConfigError(f'config.data.phantom_anatomy={anatomy!r} must be one of '
                       f'{phantom.ANATOMIES}')
@@ -277,7 +278,6 @@ class StopRequest:
     """The signal any process received (0: none); a collective when there are several."""
     if jax.process_count() == 1:
       return self.signal_number
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return int(np.max(multihost_utils.process_allgather(np.int32(self.signal_number))))
 
   def __exit__(self, *exc):
@@ -417,7 +417,6 @@ def _train(config, workdir: pathlib.Path, mesh) -> train.TrainState:
   if stopped_by:
     return state
   if config.train.evaluate_at_end:
-    from aegan_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, workdir, step=int(state.step))
   return state
 

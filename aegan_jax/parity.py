@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from aegan_jax import losses
 from aegan_jax import weight_conversion
 
 TOLERANCE = 1e-4  # Max abs error relative to each reference tensor's largest magnitude.
@@ -28,7 +31,6 @@ def _nchw(x):
 
 def _inputs(fixture):
   """(generator input, real target image), NHWC, from the fixture's NCHW tensors."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   return (jnp.asarray(fixture['input_A'].transpose(0, 2, 3, 1)),
           jnp.asarray(fixture['input_B'].transpose(0, 2, 3, 1)))
 
@@ -58,7 +60,6 @@ def _feature_views(name, feature, fixture):
 
 def _loss_terms(fixture, y, synth, g_feats, ae, synth_logits, recon_logits):
   """Every AE (D) and G loss term, keyed as in the fixture."""
-  from aegan_jax import losses  # pylint: disable=g-import-not-at-top
   _, d_terms = losses.autoencoder_loss(ae.patch_logits, synth_logits, recon_logits,
                                        ae.reconstruction, y,
                                        l1_weight=float(fixture['ae_lambda_L1']))
@@ -125,8 +126,6 @@ def _norms_by_torch_name(tag, grads, entries):
 
 def _gradient_norms(generator, g_vars, autoencoder, ae_vars, fixture, g_entries, ae_entries):
   """`gradnorm_*` keys: L2 norms of d loss_D / d AE params and d loss_G / d G params."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from aegan_jax import losses  # pylint: disable=g-import-not-at-top
   x, y = _inputs(fixture)
   stats_g, stats_ae = g_vars['batch_stats'], ae_vars['batch_stats']
   g_apply = lambda p: generator.apply({'params': p, 'batch_stats': stats_g}, x, train=False,

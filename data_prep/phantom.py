@@ -129,6 +129,23 @@ def _local(grid, centre, extent):
   return window, sub
 
 
+def _paint_deep_structures(rng, grid, half, tissue) -> None:
+  """Deep grey nuclei and bent lateral ventricles, painted into `tissue` in place."""
+  for side in (-1, 1):  # deep grey nuclei
+    centre = np.array([side * 0.22, rng.uniform(-0.1, 0.05), 0.0]) * half
+    axes = np.array([0.12, 0.18, 0.14]) * half * rng.uniform(0.85, 1.15, 3)
+    window, sub = _local(grid, centre, axes)
+    tissue[window][_ellipsoid(sub, centre, axes) < 1] = GM
+  ventricle_size = rng.uniform(0.7, 1.4)
+  for side in (-1, 1):  # lateral ventricles, bent
+    centre = np.array([side * 0.09, 0.05, 0.06]) * half
+    axes = np.array([0.055, 0.33, 0.15]) * half * ventricle_size
+    window, sub = _local(grid, centre, 1.3 * axes)
+    bend = upsample(coarse_noise(rng, (3, 4, 3)) * np.float32(0.15),
+                    tuple(w.stop - w.start for w in window))
+    tissue[window][_ellipsoid(sub, centre, axes) + bend < 1] = CSF
+
+
 def make_subject(rng, shape=(240, 240, 155)):
   """Draws one subject.
 
@@ -169,19 +186,7 @@ def make_subject(rng, shape=(240, 240, 155)):
   sulci = np.abs(field((16, 16, 12), 1.0))
   tissue[(sulci < 0.1) & (radius > 0.84)] = CSF
   del gyri, sulci
-  for side in (-1, 1):  # deep grey nuclei
-    centre = np.array([side * 0.22, rng.uniform(-0.1, 0.05), 0.0]) * half
-    axes = np.array([0.12, 0.18, 0.14]) * half * rng.uniform(0.85, 1.15, 3)
-    window, sub = _local(grid, centre, axes)
-    tissue[window][_ellipsoid(sub, centre, axes) < 1] = GM
-  ventricle_size = rng.uniform(0.7, 1.4)
-  for side in (-1, 1):  # lateral ventricles, bent
-    centre = np.array([side * 0.09, 0.05, 0.06]) * half
-    axes = np.array([0.055, 0.33, 0.15]) * half * ventricle_size
-    window, sub = _local(grid, centre, 1.3 * axes)
-    bend = upsample(coarse_noise(rng, (3, 4, 3)) * np.float32(0.15),
-                    tuple(w.stop - w.start for w in window))
-    tissue[window][_ellipsoid(sub, centre, axes) + bend < 1] = CSF
+  _paint_deep_structures(rng, grid, half, tissue)
   tumour = np.zeros(box_shape, np.int8)
   if rng.random() < TUMOUR_PROBABILITY:
     paint_tumour(rng, grid, half, radius, tissue, tumour)

@@ -186,10 +186,13 @@ def _discover(src, split_sources, dataset, modalities):
                           'source')
         fixed[case.subject_id] = split
         cases.append(case)
-    return cases, fixed
-  if src is None:
+  elif src is None:
     raise DataError('give --src, or --train-src/--val-src/--test-src')
-  return layouts.find_cases(src, dataset, modalities), None
+  else:
+    cases, fixed = layouts.find_cases(src, dataset, modalities), None
+  if len({c.modalities for c in cases}) > 1:
+    raise DataError('sources mix BraTS and ISLES2015 subjects')
+  return cases, fixed
 
 
 # The `config.data` fields that are `prepare_dataset` keywords (the training job passes them on).
@@ -345,21 +348,18 @@ def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max
   """Prepares ``dst`` from the raw subjects under ``src``.
 
   Args:
-    src: raw dataset root (any supported layout), or None with
-      ``split_sources``.
-    dst: output folder; must not exist, hold the same preparation (then
-      nothing is done), or ``overwrite`` must be set.
+    src: raw dataset root (any supported layout), or None with ``split_sources``.
+    dst: output folder; must not exist, hold the same preparation (then nothing is
+      done), or ``overwrite`` must be set.
     dataset: 'auto', 'brats', 'isles2015' or 'generic'.
-    modalities: a generic dataset's modality names, in channel order (the
-      other datasets have theirs).
+    modalities: a generic dataset's modality names, in channel order.
     normalise: 'max' (official), 'percentile' or 'zscore'.
     slices: 'official' (axial 78), 'range:A:B' or 'nonempty:F'.
     geometry: 'resize' (bilinear, official) or 'pad' (exactly invertible).
     image_size: output slice side.
     split_ratios: train/val/test fractions of subjects.
     split_seed: seed of the subject-level split.
-    split_sources: optional {'train'|'val'|'test': raw root}; the split then
-      follows the folders and ``src``/``split_ratios`` are unused.
+    split_sources: optional {'train'|'val'|'test': raw root}; the split follows them.
     skip_bad: skip invalid subjects (listed in the report) instead of failing.
     workers: threads reading NIfTI.
     overwrite: replace a ``dst`` prepared with other inputs or options.
@@ -377,8 +377,6 @@ def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max
   _check_destination(dst, [src] if src is not None else list((split_sources or {}).values()))
   _check_options(normalise, slices, geometry, image_size, workers, split_ratios, split_seed)
   cases, fixed_splits = _discover(src, split_sources, dataset, modalities)
-  if len({c.modalities for c in cases}) > 1:
-    raise DataError('sources mix BraTS and ISLES2015 subjects')
   options = _options(cases, fixed_splits, src, split_sources, {
       'normalise': normalise, 'slices': slices, 'geometry': geometry, 'image_size': image_size,
       'split_ratios': split_ratios, 'split_seed': split_seed, 'skip_bad': bool(skip_bad)})
@@ -399,9 +397,8 @@ def prepare_dataset(src, dst, *, dataset='auto', modalities=None, normalise='max
     record = _write(plan, dst, content_hash, overwrite)
   seconds = time.perf_counter() - start
   total = sum(plan.slice_counts.values())
-  return {'dst': str(dst), 'up_to_date': False,
-          'subjects': len(plan.subjects), 'slices': total,
-          'splits': record['splits'], 'skipped': plan.skipped,
+  return {'dst': str(dst), 'up_to_date': False, 'subjects': len(plan.subjects),
+          'slices': total, 'splits': record['splits'], 'skipped': plan.skipped,
           'seconds': seconds, 'slices_per_second': total / max(seconds, 1e-9)}
 
 

@@ -146,11 +146,11 @@ def test_the_training_job_makes_the_configured_anatomy(tmp_path):
   config.data.raw_dir = str(tmp_path / 'raw')
   config.data.phantom_subjects, config.data.phantom_shape = 1, (40, 40, 24)
   config.data.phantom_anatomy = 'icbm152'
-  job._raw_dir(config, tmp_path)  # pylint: disable=protected-access
+  job.raw_dir(config, tmp_path)
   image = nib.load(next((tmp_path / 'raw').rglob('*_t1.nii.gz')))
   np.testing.assert_allclose(np.abs(np.diag(image.affine))[:3], [6, 6, 155 / 24])
   config.data.raw_dir = str(tmp_path / 'other')
   config.data.phantom_anatomy = 'spheres'
   with pytest.raises(job.ConfigError, match="config.data.phantom_anatomy='spheres'"):
-    job._raw_dir(config, tmp_path)  # pylint: disable=protected-access
+    job.raw_dir(config, tmp_path)
   assert not (tmp_path / 'other').exists() and not (tmp_path / 'other.partial').exists()
