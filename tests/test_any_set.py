@@ -44,6 +44,7 @@ def test_parameters_grow_only_by_the_embeddings():
 
 @pytest.mark.parametrize('norm,train_mode', [('batch', True), ('batch', False),
                                              ('instance', True)])
+@pytest.mark.slow
 def test_absent_inputs_cannot_influence_the_output(norm, train_mode):
   generator = models.build_networks(any_config(**{'model.norm': norm}).model, 4)[0]
   variables = init(generator)
@@ -66,6 +67,7 @@ def test_absent_inputs_cannot_influence_the_output(norm, train_mode):
   assert np.abs(reference - run(changed)).max() > 0.1 * np.abs(reference).max()
 
 
+@pytest.mark.slow
 def test_one_program_serves_every_subset():
   generator = models.build_networks(any_config().model, 4)[0]
   variables = init(generator)
@@ -134,6 +136,7 @@ def test_the_curriculum_removes_inputs_stage_by_stage_and_replays(prepared):
   np.testing.assert_array_equal(next(resumed)['available'], batches[5]['available'])
 
 
+@pytest.mark.slow
 def test_training_iterations_run_and_learn():
   config = any_config()
   trainer = train.make_trainer(config, 4)
@@ -149,6 +152,7 @@ def test_training_iterations_run_and_learn():
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_batch_norm_any_set_training_moments_ignore_absent_slots():
   """The encoder's first batch moments in training are those of the present slots'
   features alone (before masking, the zeroed absent slots counted too)."""

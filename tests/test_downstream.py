@@ -151,6 +151,7 @@ def test_any_set_downstream_has_every_cell(dataset, tmp_path):
   assert '### Every set of inputs: mean Dice' in markdown and '| t1 + t2 |' in markdown
 
 
+@pytest.mark.slow
 def test_a_wrong_segmenter_workdir_is_one_line(dataset, tmp_path, capsys):
   config = _synthesis_checkpoint(tmp_path / 'gen', dataset / 'prepared')
   config.eval.segmenter_workdir = str(tmp_path / 'gen')  # a synthesis run, not a segmenter

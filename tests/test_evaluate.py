@@ -70,6 +70,7 @@ def test_writes_json_csv_markdown_and_grids(dataset, report):
   assert grid.width == 6 * 128 and grid.height > 3 * 128
 
 
+@pytest.mark.slow
 def test_an_any_set_checkpoint_reports_every_cell(dataset, tmp_path):
   config = eval_config(dataset / 'prepared')
   config.model.generator = 'any'
@@ -141,6 +142,7 @@ def test_perfect_synthesis_scores_the_cap_and_ssim_one():
       protocols.brasyn_metrics(volume, volume, brain, None)['ssim_tumour']  # NaN without seg.
 
 
+@pytest.mark.slow
 def test_without_source_files_and_with_an_empty_split(dataset, tmp_path):
   # Few slices (2D SSIM fallback), the raw files gone (volumes from the prepared slices),
   # and an empty 'val' split (falls back to 'train').
@@ -186,6 +188,7 @@ def _fresh_copy(dataset, tmp_path):
   return config
 
 
+@pytest.mark.slow
 def test_raw_files_changed_since_preparation_are_not_used_and_named(dataset, tmp_path):
   config = _fresh_copy(dataset, tmp_path)
   changed = sorted((tmp_path / 'raw').glob('*/*_t2.nii.gz'))[0]

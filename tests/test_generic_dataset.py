@@ -79,6 +79,7 @@ def test_a_missing_modality_file_is_named(tmp_path, capsys):
   assert 'case01_pd.nii.gz' in err and 'missing pd' in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('generator', ['official', 'any'])
 def test_trains_on_three_modalities(tmp_path, generator):
   raw = write_generic(tmp_path / 'raw')

@@ -35,6 +35,7 @@ def _faults(mode):
   return kept, int(faults), float(value)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt')
 def test_kept_memory_is_not_faulted_in_again():
   _, default_faults, default_value = _faults('default')

@@ -85,6 +85,7 @@ def test_tap_convolution_and_its_gradient_equal_the_convolution():
   _assert_vjp_equals_float64(convolution.tap_conv, convolution.valid_conv, x, kernel, dy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape', [(2, 5, 6, 4), (1, 3, 3, 2)])
 def test_upsampling_by_phase_and_its_gradients_equal_the_subpixel_form(shape):
   """The CPU transposed convolution (one convolution per output phase; input gradient as a

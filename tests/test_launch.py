@@ -21,6 +21,7 @@ from tests_helpers import ROOT, assert_states_equal, launch_config, restored_sta
 
 
 
+@pytest.mark.slow
 def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path, capsys):
   config = launch_config(prepared, num_steps=3)
   config.train.evaluate_at_end = True
@@ -51,6 +52,7 @@ def test_train_checkpoint_restore_and_evaluate(prepared, tmp_path, capsys):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('norm', ['batch', 'instance'])
 def test_resume_equals_continuous(prepared, tmp_path, norm):
   def config(num_steps):
@@ -83,6 +85,7 @@ def test_bad_config_values_give_one_line_errors(prepared, tmp_path, capsys):
   assert err.startswith('error: config.optim:') and 'weight_decay' in err and err.count('\n') == 1
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_a_clear_error(prepared, tmp_path, capsys):
   job.train_and_evaluate(launch_config(prepared, num_steps=1), tmp_path)
   config = launch_config(prepared, num_steps=2)
@@ -91,6 +94,7 @@ def test_incompatible_checkpoint_is_a_clear_error(prepared, tmp_path, capsys):
   assert 'trained with model.ngf=8 but the config has 16' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_second_launch_is_refused_and_resume_matches(prepared, tmp_path):
   steps = 40
   overrides = [f'--config.data.prepared_dir={prepared}', '--config.data.image_size=32',
@@ -127,6 +131,7 @@ def test_sigterm_saves_a_second_launch_is_refused_and_resume_matches(prepared, t
   assert_states_equal(straight, resumed)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(
     prepared, tmp_path, capsys):
   job.train_and_evaluate(launch_config(prepared, num_steps=2), tmp_path)
@@ -154,6 +159,7 @@ def test_demo_data_is_generated_whole_then_prepared(tmp_path):
   assert data.num_examples(prepared, 'train') == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('phase', ['log', 'samples'])
 def test_a_stop_during_host_work_still_saves_that_step(prepared, tmp_path, monkeypatch, capsys,
                                                        phase):
@@ -197,6 +203,7 @@ def test_bad_field_values_are_one_line_errors(prepared, tmp_path, capsys, field,
   assert not (tmp_path / 'checkpoints').exists()
 
 
+@pytest.mark.slow
 def test_one_run_per_workdir(prepared, tmp_path, capsys):
   from aegan_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   lock = tmp_path / workdir_lock.LOCK_NAME
@@ -232,6 +239,7 @@ def test_unknown_config_field_is_one_line(tmp_path):
   assert run.stderr.strip() == "error: --config.train.bogus: no such config field ('bogus')"
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_names_the_step_and_step_falls_back(prepared, tmp_path, capsys):
   job.train_and_evaluate(launch_config(prepared, num_steps=4), tmp_path)
   damaged = tmp_path / 'checkpoints' / '4'
@@ -267,6 +275,7 @@ def _edit_manifest(path, change):
 
 @pytest.mark.parametrize('damage', ['truncate', 'delete', 'manifest', 'flip', 'empty_manifest',
                                     'no_modalities', 'dataset_info'])
+@pytest.mark.slow
 def test_damaged_prepared_dataset_names_the_file_and_the_fix(prepared, tmp_path, capsys, damage):
   copy = tmp_path / 'prepared'
   shutil.copytree(prepared, copy)
@@ -303,6 +312,7 @@ def test_keep_checkpoints_zero_keeps_every_checkpoint(prepared, tmp_path):
   assert checkpoints.make_manager(tmp_path).all_steps() == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_a_run_takes_the_prepared_datas_choices_and_never_resumes_on_other_data(
     prepared, tmp_path, capsys):
   def other(name, **options):

@@ -47,6 +47,7 @@ def piq_fsim():
 # ------------------------------------------------------------- known answers
 
 
+@pytest.mark.slow
 def test_identical_images():
   x = _structured((64, 64), np.random.default_rng(0)).astype(np.float32)
   assert float(metrics.ssim(x, x, data_range=1.0)) == pytest.approx(1, abs=1e-6)
@@ -92,6 +93,7 @@ def test_ssim_symmetric():
 
 @pytest.mark.parametrize('data_range,offset', [(1.0, 0.0), (255.0, 0.0),
                                                (4000.0, 0.0), (2.0, -1.0)])
+@pytest.mark.slow
 def test_ssim_matches_skimage(data_range, offset):
   rng = np.random.default_rng(int(data_range))
   for shape, kind in [((32, 32), 'random'), ((64, 80), 'structured'),
@@ -148,6 +150,7 @@ def _reference_cases():
         yield data[f'reference_{size}'], distorted, expected
 
 
+@pytest.mark.slow
 def test_fsim_matches_stored_piq_values():
   for reference, distorted, expected in _reference_cases():
     actual = metrics.fsim(distorted / 255., reference / 255., data_range=1.0)

@@ -95,6 +95,7 @@ def test_batchnorm_running_stats_follow_pytorch():
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_instance_norm_option_builds_and_runs():
   generator = models.SynthesisGenerator(ngf=8, norm='instance', num_blocks=1)
   x = jnp.ones((1, 16, 16, 15))

@@ -64,6 +64,7 @@ def eval_output(config, state, size):
 @pytest.mark.parametrize('norm,size,counts', [
     ('batch', 32, (1, 2, 4)), ('batch', 64, (1, 4)), ('instance', 32, (1, 2, 4)),
     ('instance', 64, (1, 4))], ids=['batch-32', 'batch-64', 'instance-32', 'instance-64'])
+@pytest.mark.slow
 def test_float32_first_iteration_agrees_across_device_counts(norm, size, counts):
   # 2 devices at 32 px only: each device count compiles its own program (~10 s).
   config = tiny_config(**{'model.norm': norm})
@@ -73,6 +74,7 @@ def test_float32_first_iteration_agrees_across_device_counts(norm, size, counts)
     assert_losses_close(runs[1][1], runs[n][1], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('norm', ['batch', 'instance'])
 def test_float64_iterations_equal_across_device_counts(norm):
   counts = (1, 4)

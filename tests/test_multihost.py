@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from aegan_jax import checkpoints
 from tests_helpers import ROOT, assert_states_equal, launch_config, restored_state
@@ -72,6 +73,7 @@ def finish(processes, timeout=300):
   return [p.returncode for p in processes], [p.log.read_text() for p in processes]
 
 
+@pytest.mark.slow
 def test_stop_signal_on_one_host_stops_both_then_resumes_exactly(prepared, tmp_path):
   straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
   codes, outputs = finish(start_two_hosts(straight, training_overrides(prepared, evaluate=True)))
@@ -103,6 +105,7 @@ def test_stop_signal_on_one_host_stops_both_then_resumes_exactly(prepared, tmp_p
   assert_states_equal(state, restored_state(stopped, config))
 
 
+@pytest.mark.slow
 def test_failed_preparation_on_process_0_stops_every_host_then_a_relaunch_trains(tmp_path):
   from data_prep import phantom
   raw = tmp_path / 'raw'

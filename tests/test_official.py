@@ -11,6 +11,7 @@ from aegan_jax import parity
 from aegan_jax import weight_conversion
 
 
+@pytest.mark.slow
 def test_fixture_parity_every_key_within_tolerance(parity_fixture_path):
   rows = parity.check(parity_fixture_path)
   failed = [(key, rel) for key, _, rel, ok in rows if not ok]
@@ -24,6 +25,7 @@ def test_fixture_parity_every_key_within_tolerance(parity_fixture_path):
   assert len(rows) > 200
 
 
+@pytest.mark.slow
 def test_check_fails_on_a_perturbed_fixture(parity_fixture_path, tmp_path):
   data = dict(np.load(parity_fixture_path))
   data['G_out'] = data['G_out'] + 1e-3
@@ -35,6 +37,7 @@ def test_check_fails_on_a_perturbed_fixture(parity_fixture_path, tmp_path):
   assert rows['AE_out'][3]
 
 
+@pytest.mark.slow
 def test_cli_exit_codes(parity_fixture_path, tmp_path, capsys):
   assert official.main(['check', str(parity_fixture_path)]) == 0
   assert 'keys within tolerance' in capsys.readouterr().out

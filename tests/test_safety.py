@@ -35,6 +35,7 @@ def test_disk_full_during_a_checkpoint_save_is_one_line_and_resume_works_after(
   assert checkpoints.complete_steps(tmp_path / 'checkpoints') == [2, 4]
 
 
+@pytest.mark.slow
 def test_disk_full_at_the_start_leaves_no_lock_and_no_half_written_file(
     prepared, tmp_path, capsys, monkeypatch):
   with monkeypatch.context() as patch:
@@ -47,6 +48,7 @@ def test_disk_full_at_the_start_leaves_no_lock_and_no_half_written_file(
   assert cli.run(launch_config(prepared, num_steps=1), tmp_path) == 0
 
 
+@pytest.mark.slow
 def test_an_empty_or_unreadable_lock_is_taken_over_with_a_warning(prepared, tmp_path, capsys):
   lock = tmp_path / workdir_lock.LOCK_NAME
   for content in ('', '{"pid": '):  # a crash between creating the lock and writing it

@@ -165,6 +165,7 @@ def test_a_case_without_any_input_is_a_clear_error(raw, tmp_path, capsys):
   assert 'at least one input is needed' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_one_case_folder_with_pad_geometry_and_brasyn_names(raw, tmp_path):
   workdir = tmp_path / 'work'
   write_checkpoint(workdir, synthesis_config(geometry='pad', image_size=48), step=3)
@@ -238,6 +239,7 @@ def test_truncated_voxels_leave_no_partial_file(workdir, raw, tmp_path, capsys):
   assert not list((tmp_path / 'out').rglob('*.nii.gz')) if (tmp_path / 'out').exists() else True
 
 
+@pytest.mark.slow
 def test_synthesizer_pads_batches_and_matches_direct_apply():
   config = synthesis_config()
   generator, _ = models.build_networks(config.model, 4)
@@ -278,6 +280,7 @@ def test_official_test_mode_normalises_each_slice_alone_with_dropout():
   assert np.abs(eval_mode(images, targets) - out).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_official_test_mode_equals_eval_mode_for_instance_norm_without_dropout():
   make = official_mode_synthesizer('instance', use_dropout=False)
   images = np.random.default_rng(0).uniform(-1, 1, (6, 32, 32, 4)).astype(np.float32)

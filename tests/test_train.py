@@ -84,6 +84,7 @@ def official_order_step(trainer, state, batch):
   return (optax.apply_updates(g.params, updates), g_state['batch_stats'], ae_params, ae_stats)
 
 
+@pytest.mark.slow
 def test_iteration_equals_the_official_order_without_dropout():
   trainer, state, step = make(tiny_config(**{'model.use_dropout': False}))
   batch = tiny_batch()
@@ -102,6 +103,7 @@ def test_iteration_equals_the_official_order_without_dropout():
       np.testing.assert_allclose(leaf_a, leaf_b, atol=2e-6, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_metrics_are_a_flat_dict_of_every_loss_term():
   _, state, step = make(tiny_config())
   _, metrics = step(state, tiny_batch())
@@ -110,6 +112,7 @@ def test_metrics_are_a_flat_dict_of_every_loss_term():
   assert all(np.shape(v) == () and np.isfinite(v) for v in metrics.values())
 
 
+@pytest.mark.slow
 def test_thirty_iterations_halve_the_l1_term():
   _, state, step = make(tiny_config(**{'optim.learning_rate': 2e-3}))
   batch = smooth_batch(n=2)
@@ -120,6 +123,7 @@ def test_thirty_iterations_halve_the_l1_term():
   assert float(metrics['loss_G_L1']) < 0.5 * first
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bitwise_identical_params():
   def run():
     _, state, step = make(tiny_config(), seed=3)
@@ -131,6 +135,7 @@ def test_same_seed_gives_bitwise_identical_params():
     np.testing.assert_array_equal(leaf_a, leaf_b)
 
 
+@pytest.mark.slow
 def test_sr_weight_decays_every_n_iterations():
   config = tiny_config(**{'loss.sr_decay_every': 2})
   _, state, step = make(config)
