@@ -274,8 +274,8 @@ class Modulation(nn.Module):
                     dtype=self.dtype, param_dtype=self.param_dtype,
                     dot_general=reduction.per_example_dot,
                     name='film')(code.astype(self.dtype))
-    scale, shift = jnp.split(both[:, None, None, :].astype(x.dtype), 2, axis=-1)
-    return x * (1 + scale) + shift
+    scale, shift = jnp.split(both.astype(x.dtype), 2, axis=-1)
+    return normalization.modulate(x, scale, shift)
 
 
 class BranchEncoder(nn.Module):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from aegan_jax import kernels
+from aegan_jax.kernels import normalization
 from aegan_jax import layers
 from aegan_jax import modalities
 
@@ -164,9 +165,7 @@ def _film(module, name, x, index, count):
   param_dtype = jnp.dtype(module.param_dtype)
   scale = module.param(f'{name}_scale', nn.initializers.zeros, (count, channels), param_dtype)
   shift = module.param(f'{name}_shift', nn.initializers.zeros, (count, channels), param_dtype)
-  expand = (slice(None),) * index.ndim + (None,) * (x.ndim - index.ndim - 1)
-  scale, shift = scale[index][expand], shift[index][expand]
-  return x * (1 + scale.astype(x.dtype)) + shift.astype(x.dtype)
+  return normalization.modulate(x, scale[index].astype(x.dtype), shift[index].astype(x.dtype))
 
 
 def _masked_fusion(encoded, available):

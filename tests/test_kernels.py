@@ -207,3 +207,20 @@ def test_weighted_norm_gradients_equal_float64_autodiff_of_the_plain_formula():
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w), rtol=2e-4,
                                atol=2e-4 * np.abs(np.asarray(w)).max())
+
+
+def test_modulation_and_its_gradients_equal_float64_autodiff_of_the_plain_formula():
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((3, 12, 10, 5)).astype(np.float32)
+  x[:, :6] = -0.73  # a constant background, as prepared slices have
+  scale, shift = (rng.standard_normal((3, 5)).astype(np.float32) for _ in range(2))
+  dy = rng.standard_normal(x.shape).astype(np.float32)
+  got_y, pullback = jax.vjp(normalization.modulate, x, scale, shift)
+  got = [got_y, *pullback(dy)]
+  with jax.enable_x64(True):
+    plain = lambda x, s, b: x * (1 + s[:, None, None, :]) + b[:, None, None, :]
+    want_y, want_pullback = jax.vjp(plain, *_float64(x, scale, shift))
+    want = [want_y, *want_pullback(*_float64(dy))]
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w), rtol=1e-5,
+                               atol=1e-5 * np.abs(np.asarray(w)).max())
