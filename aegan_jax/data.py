@@ -169,7 +169,7 @@ class Augment(grain.transforms.RandomMap):
 SCENARIOS = ('single', 'any', 'curriculum')
 # The `config.data` fields that are `make_loader` keywords (the training job passes them on).
 LOADER_FIELDS = ('targets', 'flip', 'random_crop', 'scenarios', 'curriculum_stage_examples',
-                 'scenario_weights', 'worker_count')
+                 'input_count_ratio', 'worker_count')
 
 
 def scenario_pairs(targets, num_modalities: int,
@@ -187,13 +187,14 @@ def scenario_pairs(targets, num_modalities: int,
   return pairs
 
 
-def scenario_probabilities(pairs, weights) -> np.ndarray | None:
-  """Per-pair probabilities: `weights[k - 1]` is the share of examples with k inputs,
-  split evenly over that count's pairs.  None (uniform over pairs) for no weights."""
-  if not weights:
+def scenario_probabilities(pairs, ratio: float) -> np.ndarray | None:
+  """Per-pair probabilities: examples with k inputs get a share proportional to
+  `ratio ** k`, split evenly over that count's pairs.  None (uniform over pairs) for
+  ratio 0.  One number, so that a config serves any number of modalities."""
+  if not ratio:
     return None
   inputs = np.array([available.sum() for _, available in pairs])
-  share = np.asarray(weights, np.float64)[inputs - 1]
+  share = float(ratio) ** inputs.astype(np.float64)
   per_pair = share / np.bincount(inputs)[inputs]
   return per_pair / per_pair.sum()
 
@@ -201,12 +202,12 @@ def scenario_probabilities(pairs, weights) -> np.ndarray | None:
 class SampleScenario(grain.transforms.RandomMap):
   """Draws a scenario per example over the (target, inputs) pairs with at least
   `fewest_inputs` inputs: M - 1 is the paper's scenario ('single'), 1 any set ('any');
-  uniformly, or with `weights` per number of inputs (`scenario_probabilities`)."""
+  uniformly, or weighted by the number of inputs (`scenario_probabilities`)."""
 
   def __init__(self, targets: Sequence[int], num_modalities: int, fewest_inputs: int,
-               weights: Sequence[float] = ()):
+               input_count_ratio: float = 0.0):
     self.pairs = scenario_pairs(targets, num_modalities, fewest_inputs)
-    self.probabilities = scenario_probabilities(self.pairs, weights)
+    self.probabilities = scenario_probabilities(self.pairs, input_count_ratio)
 
   def random_map(self, element, rng: np.random.Generator):
     if self.probabilities is None:
@@ -245,19 +246,18 @@ class CurriculumScenario:
 
 
 def check_scenario_options(*, scenarios: str, curriculum_stage_examples: int,
-                           scenario_weights: Sequence[float], num_modalities: int) -> None:
+                           input_count_ratio: float) -> None:
   """config.data's scenario fields; a bad value raises ValueError naming the field."""
   if scenarios not in SCENARIOS:
     raise ValueError(f'config.data.scenarios={scenarios!r} must be one of {SCENARIOS}')
   if curriculum_stage_examples <= 0:
     raise ValueError(f'config.data.curriculum_stage_examples={curriculum_stage_examples} '
                      'must be positive')
-  weights = tuple(scenario_weights)
-  if weights and (scenarios != 'any' or len(weights) != num_modalities - 1 or
-                  not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0):
-    raise ValueError(f'config.data.scenario_weights={weights!r} must be empty, or with '
-                     f"data.scenarios='any' hold {num_modalities - 1} non-negative shares "
-                     '(of examples with 1, 2, ... inputs) with a positive sum')
+  ratio = input_count_ratio
+  if not (isinstance(ratio, (int, float)) and np.isfinite(ratio) and ratio >= 0) or \
+      (ratio and scenarios != 'any'):
+    raise ValueError(f'config.data.input_count_ratio={ratio!r} must be 0 (uniform over '
+                     "cells), or with data.scenarios='any' a positive finite number")
 
 
 def _process(process_index, process_count):
@@ -272,7 +272,7 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
                 flip: bool = False, random_crop: bool = False,
                 crop_padding: int | None = None, scenarios: str = 'single',
                 curriculum_stage_examples: int = 20000,
-                scenario_weights: Sequence[float] = (), shuffle: bool = True,
+                input_count_ratio: float = 0.0, shuffle: bool = True,
                 num_epochs: int | None = None, drop_remainder: bool = True,
                 worker_count: int = 0, process_index: int | None = None,
                 process_count: int | None = None, with_seg: bool = False) -> grain.DataLoader:
@@ -286,7 +286,7 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
   manifest = load_manifest(prepared_dir)
   num_modalities = len(manifest['modalities'])
   check_scenario_options(scenarios=scenarios, curriculum_stage_examples=curriculum_stage_examples,
-                         scenario_weights=scenario_weights, num_modalities=num_modalities)
+                         input_count_ratio=input_count_ratio)
   targets = tuple(targets or range(num_modalities))
   if any(not 0 <= t < num_modalities for t in targets):
     raise ValueError(f'targets {targets} must index {manifest["modalities"]}')
@@ -311,7 +311,7 @@ def make_loader(prepared_dir, *, global_batch_size: int, seed: int,
                  if scenarios == 'curriculum' else
                  SampleScenario(targets, num_modalities,
                                 1 if scenarios == 'any' else num_modalities - 1,
-                                scenario_weights),
+                                input_count_ratio),
                  grain.transforms.Batch(global_batch_size // process_count,
                                         drop_remainder=drop_remainder)]
   if worker_count > 0:

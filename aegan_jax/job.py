@@ -60,8 +60,7 @@ def validate_config(config) -> None:
     data.check_scenario_options(
         scenarios=config.data.scenarios,
         curriculum_stage_examples=config.data.curriculum_stage_examples,
-        scenario_weights=config.data.scenario_weights,
-        num_modalities=len(config.data.modalities))
+        input_count_ratio=config.data.input_count_ratio)
     trainer = train.make_trainer(config, len(config.data.modalities))  # model, optim, loss
     size = config.data.image_size
     models.check_image_size(size, size, what=f'config.data.image_size={size!r}:')

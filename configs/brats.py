@@ -33,8 +33,8 @@ def get_config(arg=None):
                                            # any: every non-empty set of them, uniformly |
                                            # curriculum: all others first, then fewer (MM-GAN)
   config.data.curriculum_stage_examples = 20000  # curriculum: examples before one input fewer
-  config.data.scenario_weights = ()        # any: share of examples with 1, 2, ... M - 1
-                                           # inputs (): uniform over (set, target) cells
+  config.data.input_count_ratio = 0.0     # any: examples with k inputs get a share
+                                           # proportional to ratio**k; 0: uniform over cells
   config.data.flip = False                 # augmentations off, as in the official BraTS setup
   config.data.random_crop = False
   config.data.worker_count = 0             # grain worker processes (0: in the main process)

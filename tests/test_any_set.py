@@ -174,10 +174,9 @@ def test_batch_norm_any_set_training_moments_ignore_absent_slots():
                              0.1 * features.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
 
 
-def test_scenario_weights_set_the_share_of_each_input_count(prepared):
+def test_input_count_ratio_sets_the_share_of_each_input_count(prepared):
   loader = data.make_train_loader(prepared, global_batch_size=8, seed=0, scenarios='any',
-                                  scenario_weights=(0.2, 0.3, 0.5), process_index=0,
-                                  process_count=1)
+                                  input_count_ratio=1.5, process_index=0, process_count=1)
   counts = np.zeros(4)
   cells = set()
   for _, batch in zip(range(100), loader):
@@ -185,13 +184,14 @@ def test_scenario_weights_set_the_share_of_each_input_count(prepared):
     cells |= {(tuple(np.flatnonzero(a)), int(t))
               for a, t in zip(batch['available'], batch['target_index'])}
   share = counts[1:] / counts.sum()
-  np.testing.assert_allclose(share, (0.2, 0.3, 0.5), atol=0.06)  # 800 draws
+  np.testing.assert_allclose(share, np.array([1.5, 2.25, 3.375]) / 7.125, atol=0.06)  # 800 draws
   assert len(cells) == 28
 
 
-@pytest.mark.parametrize('weights,scenarios', [((1, 1), 'any'), ((1, -1, 1), 'any'),
-                                               ((0, 0, 0), 'any'), ((1, 1, 1), 'single')])
-def test_bad_scenario_weights_name_the_field(weights, scenarios):
-  with pytest.raises(ValueError, match='config.data.scenario_weights'):
+@pytest.mark.parametrize('ratio,scenarios', [(-1.0, 'any'), (float('nan'), 'any'),
+                                             (float('inf'), 'any'), ((1, 2), 'any'),
+                                             (1.5, 'single')])
+def test_bad_input_count_ratio_names_the_field(ratio, scenarios):
+  with pytest.raises(ValueError, match='config.data.input_count_ratio'):
     data.check_scenario_options(scenarios=scenarios, curriculum_stage_examples=1,
-                                scenario_weights=weights, num_modalities=4)
+                                input_count_ratio=ratio)
