@@ -21,6 +21,7 @@ from data_prep import prepare
 from data_prep import preprocess
 from data_prep import tfds_writer
 from data_prep.errors import DataError
+from tests_helpers import unwritable_folder
 
 SHAPE = (16, 16, 8)
 OLD = ('t1', 't1ce', 't2', 'flair', 'seg')
@@ -567,15 +568,7 @@ def test_leftovers_of_a_killed_preparation_are_removed_by_the_next(tmp_path):
 @pytest.mark.parametrize('blocked', ['file', 'readonly'])
 def test_unwritable_dst_is_a_one_line_error_before_any_work(tmp_path, blocked):
   src = _brats2020(tmp_path / 'raw', 2)
-  if blocked == 'file':  # A file where a parent folder would go: unwritable even for root.
-    (tmp_path / 'data').write_text('x')
-    dst = tmp_path / 'data' / 'out'
-  else:
-    if os.geteuid() == 0:
-      pytest.skip('root writes into read-only folders')
-    (tmp_path / 'ro').mkdir()
-    (tmp_path / 'ro').chmod(0o555)
-    dst = tmp_path / 'ro' / 'out'
+  dst = unwritable_folder(tmp_path, blocked, 'data')
   run = _cli('--src', src, '--dst', dst, '--quiet', *map(str, ('--slices', 'range:2:6')))
   assert run.returncode == 2 and run.stderr.startswith(f'error: --dst {dst}: cannot write'), \
       run.stderr

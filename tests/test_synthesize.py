@@ -1,5 +1,4 @@
 """Synthesis CLI on tiny phantom cases with a random-init checkpoint."""
-import os
 import shutil
 
 import jax
@@ -14,7 +13,8 @@ from aegan_jax import synthesize
 from data_prep import files
 from data_prep import phantom
 from aegan_jax import job
-from tests_helpers import launch_config, prepared_phantom, random_variables, tiny_config
+from tests_helpers import (launch_config, prepared_phantom, random_variables, tiny_config,
+                           unwritable_folder)
 
 SHAPE = (40, 36, 24)
 
@@ -380,15 +380,7 @@ def test_intensity_scale_must_be_positive_and_finite(workdir, raw, tmp_path, cap
 def test_unwritable_output_is_refused_before_the_checkpoint_is_restored(
     workdir, raw, tmp_path, capsys, monkeypatch, blocked):
   cases = copy_cases(raw, tmp_path / 'in', drop={0: ['t2']})
-  if blocked == 'file':  # A file where the output's parent would go: unwritable even for root.
-    (tmp_path / 'results').write_text('x')
-    out = tmp_path / 'results' / 'out'
-  else:
-    if os.geteuid() == 0:
-      pytest.skip('root writes into read-only folders')
-    (tmp_path / 'ro').mkdir()
-    (tmp_path / 'ro').chmod(0o555)
-    out = tmp_path / 'ro' / 'out'
+  out = unwritable_folder(tmp_path, blocked, 'results')
   restored = []
   monkeypatch.setattr(inference.Synthesizer, 'restore', lambda *a, **k: restored.append(1))
   assert run('--workdir', workdir, '--input', cases, '--output', out) == 2

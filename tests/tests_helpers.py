@@ -7,6 +7,7 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 
 from aegan_jax import checkpoints
 from aegan_jax import modalities
@@ -153,3 +154,16 @@ def disk_full(monkeypatch, folder):
   monkeypatch.setattr(builtins, 'open', full_open)
   monkeypatch.setattr(io, 'open', full_open)
   monkeypatch.setattr(os, 'write', full_write)
+
+
+def unwritable_folder(tmp_path, blocked: str, name: str):
+  """`tmp_path/<name>/out` that cannot be created: below a file ('file', unwritable even
+  for root) or inside a read-only folder ('readonly'; skipped as root, who writes there)."""
+  if blocked == 'file':
+    (tmp_path / name).write_text('x')
+    return tmp_path / name / 'out'
+  if os.geteuid() == 0:
+    pytest.skip('root writes into read-only folders')
+  (tmp_path / 'ro').mkdir()
+  (tmp_path / 'ro').chmod(0o555)
+  return tmp_path / 'ro' / 'out'
