@@ -25,15 +25,15 @@ def get_config(arg=None):
   config.model.norm = 'instance'
 
   config.optim.learning_rate = 1e-3         # 10x the official rate: few steps to spend
-  config.optim.lr_constant_steps = 950      # then linear decay to 0 (official 'linear' policy)
-  config.optim.lr_decay_steps = 550
+  config.optim.lr_constant_steps = 750      # then linear decay to 0 (official 'linear' policy)
+  config.optim.lr_decay_steps = 450
   # Adam's second-moment decay 0.8 (official 0.999): the highest mean PSNR of the values
   # tried, 0.8 to 0.999 (docs/demo.md).
   config.optim.b2 = 0.8
   config.loss.sr_decay_every = 0
 
   config.train.global_batch_size = 4
-  config.train.num_steps = 1500             # 8 minutes in all on a slow day of the 2-core CPUs
+  config.train.num_steps = 1200             # under 8 minutes in all in the slow hours of the 2-core CPUs
   config.train.num_epochs = 0
   config.train.log_every = 100
   config.train.checkpoint_every = 1000
