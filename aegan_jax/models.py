@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from aegan_jax import kernels
-from aegan_jax.kernels import normalization
 from aegan_jax import layers
 from aegan_jax import modalities
 
@@ -125,7 +124,8 @@ class AnySetGenerator(Network):
     encoded = encoded.reshape(n, m - 1, *encoded.shape[1:])
     fused = _masked_fusion(encoded, present)
     h = nn.relu(make.conv(4 * self.ngf, 1, use_bias=True, name='fuse')(fused))
-    h = _film(self, 'target', h, target_index, m)
+    h = layers.Modulation(make.dtype, make.param_dtype, name='target_modulation')(
+        h, jax.nn.one_hot(target_index, m))
     return _blocks_and_decoder(self, make, h, train, return_features)
 
 
@@ -157,15 +157,6 @@ def _blocks_and_decoder(module, make, h, train, return_features):
   if return_features:
     return image, (feature_0, feature_1)
   return image
-
-
-def _film(module, name, x, index, count):
-  """x * (1 + scale[index]) + shift[index], per channel; the embeddings start at 0."""
-  channels = x.shape[-1]
-  param_dtype = jnp.dtype(module.param_dtype)
-  scale = module.param(f'{name}_scale', nn.initializers.zeros, (count, channels), param_dtype)
-  shift = module.param(f'{name}_shift', nn.initializers.zeros, (count, channels), param_dtype)
-  return normalization.modulate(x, scale[index].astype(x.dtype), shift[index].astype(x.dtype))
 
 
 def _masked_fusion(encoded, available):
