@@ -63,8 +63,12 @@ class BatchNorm(nn.Module):
     y, mean, unbiased_var = _batch_moments(x, weights, scale.astype(acc), bias.astype(acc),
                                            self.epsilon)
     if not self.is_initializing():
-      running_mean.value = normalization.ema_update(running_mean.value, mean, self.momentum)
-      running_var.value = normalization.ema_update(running_var.value, unbiased_var, self.momentum)
+      # A batch in which every example has weight 0 (a slot absent throughout) has no
+      # moments: the running statistics keep their values.
+      seen = True if weights is None else reduction.batch_sum(weights) > 0
+      for running, value in ((running_mean, mean), (running_var, unbiased_var)):
+        running.value = jnp.where(
+            seen, normalization.ema_update(running.value, value, self.momentum), running.value)
     if self.is_mutable_collection('batch_moments'):
       self.put_variable('batch_moments', 'mean', mean)
       self.put_variable('batch_moments', 'var', unbiased_var)

@@ -93,15 +93,15 @@ class AnySetGenerator(Network):
   """One generator for any non-empty set of inputs and any missing target.
 
   The M - 1 modalities other than the target fill M - 1 slots, in the official
-  generator's branch order; absent ones are zeroed.  One encoder with shared weights
-  reads every slot, each norm followed by a learned scale and shift for the slot's
-  modality and the target (conditional normalisation), and absent slots stay out of
-  BatchNorm's batch statistics.  The fusion takes the mean and the max over the
-  present slots only, so an absent image cannot influence the output; the target
-  enters again as a learned scale and shift of the fused features.  Then the official
-  ResNet blocks, decoder with channel attention and output, with the same two decoder
-  features for the self-representation loss.  Shapes are fixed (availability [N, M],
-  target [N]): one program serves every subset, and M adds only embeddings.
+  generator's branch order; absent ones are zeroed.  Each slot has its own encoder, as
+  each branch has in the official generator, with every norm followed by a learned
+  scale and shift for the slot's modality and the target (conditional normalisation);
+  absent slots stay out of BatchNorm's batch statistics.  The fusion takes the mean and
+  the max over the present slots only, so an absent image cannot influence the output;
+  the target enters again as a learned scale and shift of the fused features.  Then the
+  official ResNet blocks, decoder with channel attention and output, with the same two
+  decoder features for the self-representation loss.  Shapes are fixed (availability
+  [N, M], target [N]): one program serves every subset.
   """
   num_modalities: int = 4
   any_set: ClassVar[bool] = True  # takes any non-empty set of the other modalities
@@ -119,9 +119,10 @@ class AnySetGenerator(Network):
                        f'{available.shape} must hold the {m} modalities')
     make = layers.layer_factory(self.norm, self.dtype, self.param_dtype)
     slots, present, code = _input_slots(images, available, target_index, m)
-    encoded = layers.BranchEncoder(make, self.ngf, conditioned=True, name='encoder')(
-        slots.astype(make.dtype), train=train, weights=present.reshape(-1), code=code)
-    encoded = encoded.reshape(n, m - 1, *encoded.shape[1:])
+    encoded = jnp.stack([
+        layers.BranchEncoder(make, self.ngf, conditioned=True, name=f'encoder_{i}')(
+            slots[:, i].astype(make.dtype), train=train, weights=present[:, i], code=code[:, i])
+        for i in range(m - 1)], axis=1)
     fused = _masked_fusion(encoded, present)
     h = nn.relu(make.conv(4 * self.ngf, 1, use_bias=True, name='fuse')(fused))
     h = layers.Modulation(make.dtype, make.param_dtype, name='target_modulation')(
@@ -130,18 +131,16 @@ class AnySetGenerator(Network):
 
 
 def _input_slots(images, available, target_index, m):
-  """The M - 1 non-target modalities as encoder examples: images [N * (M - 1), H, W, 1]
-  (absent ones zeroed), presence [N, M - 1] and one-hot (modality, target) codes
-  [N * (M - 1), 2M]."""
+  """The M - 1 non-target modalities, slot by slot: images [N, M - 1, H, W, 1] (absent
+  ones zeroed), presence [N, M - 1] and one-hot (modality, target) codes [N, M - 1, 2M]."""
   n = images.shape[0]
   sources = jnp.stack(modalities.branch_modalities(target_index, m), axis=1)  # [N, M - 1]
   present = jnp.take_along_axis(available.astype(bool), sources, axis=1)
   slots = jnp.take_along_axis(images, sources[:, None, None, :], axis=-1)
   slots = jnp.where(present[:, None, None, :], slots, 0)
-  slots = jnp.moveaxis(slots, -1, 1).reshape(n * (m - 1), *images.shape[1:3], 1)
   target_code = jnp.broadcast_to(jax.nn.one_hot(target_index, m)[:, None], (n, m - 1, m))
   code = jnp.concatenate([jax.nn.one_hot(sources, m), target_code], axis=-1)
-  return slots, present, code.reshape(n * (m - 1), 2 * m)
+  return jnp.moveaxis(slots, -1, 1)[..., None], present, code
 
 
 def _blocks_and_decoder(module, make, h, train, return_features):

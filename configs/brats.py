@@ -41,7 +41,7 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict()
   config.model.generator = 'official'      # official: one encoder per input branch (the paper) |
-                                           # any: one shared encoder, any set of inputs
+                                           # any: one encoder per slot, any set of inputs
   config.model.ngf = 64
   config.model.num_blocks = 6
   config.model.norm = 'batch'              # batch (official) | instance

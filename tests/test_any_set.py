@@ -11,6 +11,7 @@ import pytest
 from aegan_jax import checkpoints
 from aegan_jax import data
 from aegan_jax.kernels import convolution
+from aegan_jax import modalities
 from aegan_jax import models
 from aegan_jax import train
 from tests_helpers import SIZE, phantom_image_batch, random_variables, tiny_config
@@ -29,17 +30,20 @@ def count(tree):
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
-def test_parameters_grow_only_by_the_embeddings():
+def test_parameters_grow_by_one_slot_encoder_and_the_embeddings():
   four, five = (models.build_networks(any_config().model, m)[0] for m in (4, 5))
   p4 = jax.eval_shape(lambda: init(four))['params']
   p5 = jax.eval_shape(lambda: init(five))['params']
+  assert set(p5) == set(p4) | {'encoder_3'}
   ngf = 8
-  # The encoder's three modulations read a one-hot (slot, target) code of 2M entries, and
+  # Each encoder's three modulations read a one-hot (slot, target) code of 2M entries and
   # give a scale and a shift per channel (ngf, 2 ngf, 4 ngf): a modality adds two rows each.
-  modulations = 2 * 2 * (ngf + 2 * ngf + 4 * ngf)
+  rows = 2 * (ngf + 2 * ngf + 4 * ngf)
+  plain_encoder = count(p4['encoder_0']) - 2 * 4 * rows
+  assert count(p5['encoder_3']) == plain_encoder + 2 * 5 * rows
+  encoders = 4 * (plain_encoder + 2 * 5 * rows) - 3 * (plain_encoder + 2 * 4 * rows)
   target = 2 * 4 * ngf  # the fused features' target scale and shift: one row more each
-  assert count(p5) - count(p4) == modulations + target
-  assert set(p4) == set(p5)
+  assert count(p5) - count(p4) == encoders + target
 
 
 @pytest.mark.parametrize('norm,train_mode', [('batch', True), ('batch', False),
@@ -154,24 +158,30 @@ def test_training_iterations_run_and_learn():
 
 @pytest.mark.slow
 def test_batch_norm_any_set_training_moments_ignore_absent_slots():
-  """The encoder's first batch moments in training are those of the present slots'
-  features alone (before masking, the zeroed absent slots counted too)."""
+  """Each slot encoder's first batch moments in training are those of its present
+  slots' features alone, and an encoder whose slot is absent throughout the batch keeps
+  its running statistics."""
   generator = models.build_networks(any_config(**{'model.norm': 'batch'}).model, 4)[0]
   variables = init(generator)
   images = phantom_image_batch(SIZE, 4, 0)['images']
-  available = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 0]], bool)
-  target = np.array([3, 0, 3, 1])
+  available = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]], bool)
+  target = np.array([3, 0, 3, 1])  # every example's slot 2 (t2, flair, t2, t1) is absent
   _, state = generator.apply(variables, images, available, target, train=True,
                              rngs={'dropout': jax.random.PRNGKey(2)}, mutable=['batch_stats'])
-  slots = [images[i, ..., j] for i in range(4) for j in range(4) if available[i, j]]
-  kernel = variables['params']['encoder']['conv_in']['kernel']  # no bias before BatchNorm
-  features = jnp.concatenate([
-      jax.lax.conv_general_dilated(convolution.reflect_pad(jnp.asarray(s)[None, ..., None], 3),
-                                   kernel, (1, 1), 'VALID',
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC')) for s in slots])
-  # One update of the zero-initialised running mean, momentum 0.1.
-  np.testing.assert_allclose(state['batch_stats']['encoder']['norm_in']['mean'],
-                             0.1 * features.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+  for i in range(2):
+    sources = [modalities.branch_modalities(t, 4)[i] for t in target]
+    slots = [images[n, ..., j] for n, j in enumerate(sources) if available[n, j]]
+    kernel = variables['params'][f'encoder_{i}']['conv_in']['kernel']  # no bias before BatchNorm
+    features = jnp.concatenate([
+        jax.lax.conv_general_dilated(convolution.reflect_pad(jnp.asarray(s)[None, ..., None], 3),
+                                     kernel, (1, 1), 'VALID',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC')) for s in slots])
+    # One update of the zero-initialised running mean, momentum 0.1.
+    np.testing.assert_allclose(state['batch_stats'][f'encoder_{i}']['norm_in']['mean'],
+                               0.1 * features.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(
+      np.concatenate([np.ravel(x) for x in jax.tree.leaves(state['batch_stats']['encoder_2'])]),
+      np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables['batch_stats']['encoder_2'])]))
 
 
 def test_input_count_ratio_sets_the_share_of_each_input_count(prepared):

@@ -1,9 +1,9 @@
 """N devices compute what one device computes (4 simulated CPU devices, see conftest.py).
 
 Phantom slices (continuous, with an exactly constant background like prepared MRI),
-dropout on, global batch 4 on 1 and 4 devices (and 2 at 32 px), both norms.  In float32
+dropout on, global batch 4 on 1, 2 and 4 devices, both norms.  In float32 (64 px)
 one iteration gives the 1-device gradients (read from Adam's first moment, (1 - b1) * g)
-and losses to rounding; in float64 three iterations give the same generator to 1e-8.
+and losses to rounding; in float64 (32 px) three iterations give the same generator to 1e-8.
 
 Float32 outputs after several iterations are not compared: Adam's first step moves every
 parameter by about +-lr whatever its gradient's size, so parameters whose true gradient is
@@ -61,14 +61,12 @@ def eval_output(config, state, size):
   return np.asarray(trainer.generator.apply(variables, *inputs, train=False))
 
 
-@pytest.mark.parametrize('norm,size,counts', [
-    ('batch', 32, (1, 2, 4)), ('batch', 64, (1, 4)), ('instance', 32, (1, 2, 4)),
-    ('instance', 64, (1, 4))], ids=['batch-32', 'batch-64', 'instance-32', 'instance-64'])
+@pytest.mark.parametrize('norm', ['batch', 'instance'])
 @pytest.mark.slow
-def test_float32_first_iteration_agrees_across_device_counts(norm, size, counts):
-  # 2 devices at 32 px only: each device count compiles its own program (~10 s).
+def test_float32_first_iteration_agrees_across_device_counts(norm):
+  counts = (1, 2, 4)
   config = tiny_config(**{'model.norm': norm})
-  runs = {n: run_iterations(config, size, n, steps=1)[:2] for n in counts}
+  runs = {n: run_iterations(config, 64, n, steps=1)[:2] for n in counts}
   for n in counts[1:]:
     assert_gradients_close(runs[1][0], runs[n][0], rtol=1e-4)
     assert_losses_close(runs[1][1], runs[n][1], rtol=1e-5)
