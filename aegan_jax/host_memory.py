@@ -7,6 +7,10 @@ iteration (29k-250k page faults, 7-10% of the CPU time on an Intel Xeon).  Execu
 the calling thread, the blocks come from glibc's main heap, which can be told never to
 map and never to shrink; the iteration was then 4-11% faster (2-core Intel Xeon,
 processes alternating).  The process keeps its peak heap until it exits.
+
+glibc before 2.38 cannot serve an aligned request from a freed block of exactly its size
+while a small neighbour sits in the thread cache; the heap then grows by a block, faulted
+in afresh, until enough freed blocks have merged (docs/speed.md has the measured growth).
 """
 from __future__ import annotations
 
